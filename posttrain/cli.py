@@ -1,0 +1,106 @@
+"""Command line: parse -> config -> run. No logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from posttrain import __version__
+from posttrain.errors import PosttrainError
+
+
+def _tiny_model(args) -> None:
+    from posttrain.models.tiny import build_tiny_model
+
+    path = build_tiny_model(
+        args.out_dir, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+        intermediate=args.intermediate, vocab_size=args.vocab_size, max_position=args.max_position,
+        seed=args.seed, overwrite=args.overwrite,
+    )
+    print(f"tiny model written to {path}")
+
+
+def _train(args) -> None:
+    from posttrain.config import load_config
+    from posttrain.trainers.stage import run_stage
+
+    cfg = load_config(args.config, args.overrides)
+    final = run_stage(cfg, resume=args.resume, overwrite=args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: final model in {final}; metrics in {cfg.output_dir}/metrics.jsonl")
+
+
+def _data_check(args) -> None:
+    from posttrain.data.report import DataReport
+    from posttrain.data.validate import load_examples
+
+    report = DataReport()
+    for path in args.files:
+        load_examples(path, args.format, report=report)
+    print(report.format(f"data check ({args.format})"))
+    report.check(args.max_drop_fraction, "data")
+
+
+def _data_preview(args) -> None:
+    from posttrain.config import load_config
+    from posttrain.data.preview import preview
+
+    cfg = load_config(args.config, args.overrides)
+    print(preview(cfg, n=args.n, color=args.color or (args.color is None and sys.stdout.isatty())))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
+    p.add_argument("--version", action="version", version=f"posttrain {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("tiny-model", help="build a small Llama-architecture model and tokenizer locally")
+    t.add_argument("out_dir")
+    t.add_argument("--layers", type=int, default=2)
+    t.add_argument("--hidden", type=int, default=64)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--kv-heads", type=int, default=2)
+    t.add_argument("--intermediate", type=int, default=None, help="MLP width (default: chosen from --hidden)")
+    t.add_argument("--vocab-size", type=int, default=1024)
+    t.add_argument("--max-position", type=int, default=1024)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    t.set_defaults(func=_tiny_model)
+
+    tr = sub.add_parser("train", help="run one training stage (method: pretrain or sft)")
+    tr.add_argument("config", help="YAML config file")
+    tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
+    tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
+    tr.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    tr.set_defaults(func=_train)
+
+    d = sub.add_parser("data", help="inspect training data")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    dc = dsub.add_parser("check", help="validate data files and print a row-level report")
+    dc.add_argument("files", nargs="+")
+    dc.add_argument("--format", required=True, choices=["text", "alpaca", "messages"])
+    dc.add_argument("--max-drop-fraction", type=float, default=1.0,
+                    help="exit non-zero when more than this fraction of rows is bad (default: only when none is usable)")
+    dc.set_defaults(func=_data_check)
+    dp = dsub.add_parser("preview", help="show the first rendered samples with trained tokens marked")
+    dp.add_argument("config")
+    dp.add_argument("overrides", nargs="*")
+    dp.add_argument("-n", type=int, default=3, help="samples to show")
+    dp.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                    help="colour trained tokens (default: when printing to a terminal); otherwise [[brackets]]")
+    dp.set_defaults(func=_data_preview)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except PosttrainError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,212 @@
+"""Typed, nested run config: YAML plus ``section.key=value`` overrides.
+
+Unknown keys are errors (a typo must never be silently ignored) and every error
+names the field, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from posttrain.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field(description="local Hugging Face model directory or hub id")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
+    trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None, description="a Jinja chat template, or a path to a file holding one; overrides the tokenizer's"
+    )
+
+
+class FreezeConfig(_Section):
+    train_top_layers: int | None = Field(None, ge=0, description="train only the top N transformer layers")
+    train_modules: list[str] = Field(default_factory=list, description="regexes of parameter names to train")
+    train_embeddings: bool = False
+    train_lm_head: bool = False
+
+
+class LoraConfig(_Section):
+    r: int = Field(8, ge=1)
+    alpha: float = 16.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names")
+
+
+class TuningConfig(_Section):
+    mode: Literal["full", "freeze", "lora", "bitfit"] = "full"
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @model_validator(mode="after")
+    def _freeze_needs_a_target(self) -> "TuningConfig":
+        if self.mode == "freeze" and self.freeze.train_top_layers is None and not self.freeze.train_modules:
+            raise ValueError("tuning.mode=freeze needs tuning.freeze.train_top_layers or tuning.freeze.train_modules")
+        return self
+
+
+class DataSource(_Section):
+    path: str
+    format: Literal["text", "alpaca", "messages"] = "messages"
+    weight: float = Field(1.0, gt=0, description="sampling weight: 2.0 repeats the file twice, 0.5 takes half")
+    role_map: dict[str, str] | None = Field(None, description="ShareGPT 'from' value -> role")
+
+
+class DataConfig(_Section):
+    train: list[DataSource] = Field(min_length=1)
+    eval: list[DataSource] = Field(default_factory=list)
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="hold out this fraction when no eval file is given")
+    max_seq_len: int = Field(1024, ge=8)
+    packing: bool = False
+    train_on: Literal["all_assistant", "last_assistant"] = "all_assistant"
+    overlong: Literal["truncate", "drop"] = "truncate"
+    max_drop_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    cache_dir: str | None = Field(None, description="tokenized-data cache; default: ~/.cache/posttrain/data")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _accept_single_source(cls, v: Any) -> Any:
+        if isinstance(v, (str, dict)):
+            v = [v]
+        if isinstance(v, list):
+            return [{"path": s} if isinstance(s, str) else s for s in v]
+        return v
+
+
+class TrainingConfig(_Section):
+    seed: int = 42
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, ge=1, description="samples per micro-batch on each device")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    group_by_length: bool = True
+    logging_steps: int = Field(10, ge=1)
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1)
+    save_total_limit: int | None = Field(3, ge=1, description="checkpoints kept (the best one is always kept)")
+    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations without improvement")
+    nan_policy: Literal["stop", "skip"] = "stop"
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_eval(self) -> "TrainingConfig":
+        if self.early_stopping_patience is not None and self.eval_steps is None:
+            raise ValueError("training.early_stopping_patience needs training.eval_steps")
+        return self
+
+
+class RunConfig(_Section):
+    model: ModelConfig
+    method: Literal["pretrain", "sft"]
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    output_dir: str
+
+
+def _describe_allowed(err: dict) -> str:
+    ctx = err.get("ctx") or {}
+    if "expected" in ctx:
+        return f"allowed: {ctx['expected']}"
+    return err["msg"]
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        given = err.get("input")
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (given {given!r}); check the spelling")
+        elif err["type"] == "missing":
+            lines.append(f"  {loc}: required, not given")
+        else:
+            shown = given if not isinstance(given, dict) else "{...}"
+            lines.append(f"  {loc}: given {shown!r}; {_describe_allowed(err)}")
+    return "\n".join(lines)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override's value with YAML rules, so 1e-4, true, [a, b] mean what they look like."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
+    """Load, override and validate a run config. Relative data paths resolve against the config's folder."""
+    raw = dict(raw or {})
+    if path is not None:
+        raw = read_yaml(path)
+    raw = apply_overrides(raw, overrides or [])
+    source = str(path) if path is not None else "config"
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+    if path is not None:
+        base = Path(path).resolve().parent
+        for src in [*cfg.data.train, *cfg.data.eval]:
+            if not Path(src.path).is_absolute() and not Path(src.path).exists() and (base / src.path).exists():
+                src.path = str(base / src.path)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,124 @@
+"""Verifiable instruction tasks: every prompt has exactly one correct answer.
+
+They give the tiny model something learnable whose success can be checked by
+string comparison (SFT accuracy, rule-based RL rewards) without any judge.
+Each generator takes a ``random.Random`` and returns ``(prompt, answer)``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+
+from posttrain.errors import PosttrainError
+
+_CONSONANTS = "bcdfghjklmnprstvwz"
+_VOWELS = "aeiou"
+_PHRASE_WORDS = tuple(
+    "blue sky red apple green tree quiet river small house bright star cold water "
+    "warm bread fast car old book happy dog soft rain tall hill dark night".split()
+)
+
+
+def _word(rng: random.Random, min_syllables: int = 2, max_syllables: int = 3) -> str:
+    # Pronounceable consonant-vowel words give thousands of distinct prompts
+    # while staying made of the common letter pairs the tiny BPE learns.
+    syllables = rng.randint(min_syllables, max_syllables)
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(syllables))
+
+
+def add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"What is {a} + {b}?", str(a + b)
+
+
+def reverse(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng)
+    return f'Reverse the word "{word}".', word[::-1]
+
+
+def upper(rng: random.Random) -> tuple[str, str]:
+    phrase = " ".join(rng.choice(_PHRASE_WORDS) for _ in range(rng.randint(2, 3)))
+    return f'Write "{phrase}" in uppercase.', phrase.upper()
+
+
+def count(rng: random.Random) -> tuple[str, str]:
+    word = _word(rng, 2, 4)
+    # Mostly ask about a letter that occurs, so answers are not dominated by 0.
+    letter = rng.choice(word) if rng.random() < 0.8 else rng.choice(_CONSONANTS + _VOWELS)
+    return f'How many times does the letter "{letter}" appear in "{word}"?', str(word.count(letter))
+
+
+TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "add": add,
+    "reverse": reverse,
+    "upper": upper,
+    "count": count,
+}
+
+FORMATS = ("messages", "alpaca")
+
+
+def make_task_rows(
+    n: int,
+    seed: int,
+    tasks: Sequence[str] = ("add", "reverse", "upper", "count"),
+    fmt: str = "messages",
+) -> list[dict]:
+    """``n`` rows cycling through ``tasks`` in order, so every task gets an equal share.
+
+    ``fmt="messages"``: {"messages": [user, assistant], "task", "answer"}.
+    ``fmt="alpaca"``: {"instruction": prompt, "input": "", "output": answer, "task", "answer"}.
+    The same ``seed`` always gives the same rows.
+    """
+    if n < 0:
+        raise PosttrainError(f"make_task_rows: n must be >= 0, got {n}")
+    if not tasks:
+        raise PosttrainError(f"make_task_rows: tasks is empty; allowed: {sorted(TASKS)}")
+    unknown = [name for name in tasks if name not in TASKS]
+    if unknown:
+        raise PosttrainError(f"make_task_rows: unknown task(s) {unknown}; allowed: {sorted(TASKS)}")
+    if fmt not in FORMATS:
+        raise PosttrainError(f"make_task_rows: fmt={fmt!r} is not supported; allowed: {list(FORMATS)}")
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        name = tasks[i % len(tasks)]
+        prompt, answer = TASKS[name](rng)
+        if fmt == "messages":
+            row = {
+                "messages": [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
+        else:
+            row = {"instruction": prompt, "input": "", "output": answer}
+        rows.append({**row, "task": name, "answer": answer})
+    return rows
+
+
+def _prompt_key(row: dict) -> tuple:
+    if "messages" in row:
+        return tuple((m["role"], m["content"]) for m in row["messages"] if m["role"] != "assistant")
+    return (row["instruction"], row.get("input", ""))
+
+
+def split_train_test(
+    rows: Iterable[dict], test_fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Split into (train, test) so that no prompt appears on both sides.
+
+    Rows sharing a prompt stay together; about ``test_fraction`` of the distinct
+    prompts go to test. Each side keeps the input order.
+    """
+    if not 0.0 <= test_fraction <= 1.0:
+        raise PosttrainError(f"split_train_test: test_fraction must be in [0, 1], got {test_fraction}")
+    rows = list(rows)
+    keys = list(dict.fromkeys(_prompt_key(row) for row in rows))
+    random.Random(seed).shuffle(keys)
+    test_keys = set(keys[: round(test_fraction * len(keys))])
+    train = [row for row in rows if _prompt_key(row) not in test_keys]
+    test = [row for row in rows if _prompt_key(row) in test_keys]
+    return train, test

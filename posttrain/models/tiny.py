@@ -1,0 +1,189 @@
+"""Build a tiny Llama-style causal LM and its tokenizer locally, from nothing.
+
+Tests and CPU smoke runs need a real Hugging Face model directory (model,
+tokenizer, chat template, generation config) without any download. The
+tokenizer is a byte-level BPE trained on the synthetic corpus, so every byte
+string is encodable and the vocabulary is the same on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from posttrain.data.synthetic.corpus import tokenizer_corpus
+from posttrain.errors import PosttrainError
+
+# The {% generation %} block marks what the assistant wrote (its content and
+# the <|im_end|> it must learn to emit), which lets transformers return an
+# assistant-token mask; it renders to nothing itself.
+CHATML_TEMPLATE = """\
+{%- for message in messages %}
+    {{- '<|im_start|>' + message['role'] + '\\n' }}
+    {%- if message['role'] == 'assistant' %}
+        {%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}
+        {{- '\\n' }}
+    {%- else %}
+        {{- message['content'] + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}"""
+
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+PAD = "<|pad|>"
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END, PAD)
+
+_BYTE_ALPHABET_SIZE = 256
+
+
+def build_tokenizer(
+    corpus: Iterable[str], vocab_size: int = 1024, model_max_length: int = 1024
+) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on ``corpus`` and wrap it as a ``PreTrainedTokenizerFast``.
+
+    The special tokens take ids 0-3 and are never split; ``vocab_size`` counts
+    them and the 256 byte symbols. No normalizer, so decode(encode(x)) == x.
+    """
+    smallest = _BYTE_ALPHABET_SIZE + len(SPECIAL_TOKENS)
+    if vocab_size < smallest:
+        raise PosttrainError(
+            f"build_tokenizer: vocab_size={vocab_size} is too small; it must be at least "
+            f"{smallest} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)"
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # Untrimmed offsets: each character of the text lies in exactly one token's
+    # span (leading spaces included), which assistant-span masking relies on.
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=ENDOFTEXT,
+        pad_token=PAD,
+        extra_special_tokens=[IM_START, IM_END],
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int | None = None,
+    vocab_size: int = 1024,
+    max_position: int = 1024,
+    tie_embeddings: bool = True,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Save a randomly initialised ``LlamaForCausalLM`` with its tokenizer into ``out_dir``.
+
+    ``intermediate`` defaults to ``4 * hidden``. The same arguments give the same
+    weights and vocabulary. ``out_dir`` appears complete or not at all; an
+    existing non-empty ``out_dir`` is an error unless ``overwrite=True``.
+    """
+    out_dir = Path(out_dir)
+    _check_target(out_dir, overwrite)
+    sizes = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, max_position=max_position)
+    for name, value in sizes.items():
+        if value < 1:
+            raise PosttrainError(f"build_tiny_model: {name}={value} must be at least 1")
+    if hidden % heads:
+        raise PosttrainError(f"build_tiny_model: hidden={hidden} must be divisible by heads={heads}")
+    if heads % kv_heads:
+        raise PosttrainError(f"build_tiny_model: heads={heads} must be divisible by kv_heads={kv_heads}")
+
+    tokenizer = build_tokenizer(tokenizer_corpus(), vocab_size, model_max_length=max_position)
+    im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden if intermediate is None else intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=tie_embeddings,
+        # There is no BOS in ChatML; like Qwen, <|endoftext|> stands in where one is needed.
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    # A private RNG stream: the caller's global torch RNG state is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.eos_token_id,
+        # A chat turn ends at <|im_end|>, plain text at <|endoftext|>.
+        eos_token_id=[im_end_id, tokenizer.eos_token_id],
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out_dir, "tmp")
+    staging.mkdir()
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    # Same parent so that os.replace stays a rename within one filesystem.
+    return path.parent / f".{path.name}.{uuid.uuid4().hex}.{kind}"
+
+
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PosttrainError(f"build_tiny_model: {out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise PosttrainError(
+            f"build_tiny_model: {out_dir} is not empty; choose another directory or pass overwrite=True"
+        )
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    # rename() cannot replace a non-empty directory, so the old one is moved
+    # aside first and deleted only once the new one is in place.
+    old = None
+    if target.exists():
+        old = _sibling(target, "old")
+        os.replace(target, old)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old)

@@ -1,0 +1,430 @@
+"""The one training loop: steps, accumulation, checkpoints, resume, eval, logging.
+
+A method plugs in through ``Method``: it turns rows into batches, counts each
+batch's loss units (trained tokens, pairs, ...) before the forward pass, and
+returns the *sum* of its loss over those units. The loop divides by the units of
+the whole global batch (all micro-batches, all processes), so gradient
+accumulation and data parallelism give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from posttrain.config import RunConfig
+from posttrain.data.collate import epoch_plan, split_global_batch
+from posttrain.errors import PosttrainError
+from posttrain.io import atomic_dir, atomic_write_text
+from posttrain.models.checkpoint import load_weights, save_model
+
+
+class Method(Protocol):
+    def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]: ...
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int: ...
+
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum of the loss over the batch's units, {metric name: sum over units})."""
+        ...
+
+
+class NonFiniteLoss(PosttrainError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    best_eval: float | None = None
+    best_step: int | None = None
+    evals_without_improvement: int = 0
+    skipped_steps: int = 0
+    # The logging window in progress, so a resumed run logs the same averages.
+    window: dict[str, float] = field(default_factory=dict)
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    # Decay matrices only: decaying biases and norm gains pulls them toward 0 for no benefit.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, accelerator, model, tokenizer, method: Method, train_set, eval_set, log=print):
+        self.cfg, self.tcfg = cfg, cfg.training
+        self.acc = accelerator
+        self.tokenizer = tokenizer
+        self.method = method
+        self.train_set, self.eval_set = train_set, eval_set
+        self.log = log
+        self.out = Path(cfg.output_dir)
+        self.world = accelerator.num_processes
+        self.global_batch = self.tcfg.batch_size * self.tcfg.gradient_accumulation_steps * self.world
+        self.lengths = train_set.row_lengths()
+        self.steps_per_epoch = len(train_set) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise PosttrainError(
+                f"the training set has {len(train_set)} rows, fewer than one global batch of {self.global_batch} "
+                f"(training.batch_size x gradient_accumulation_steps x processes); lower the batch size or add data"
+            )
+        self.total_steps = self.tcfg.max_steps or math.ceil(self.tcfg.epochs * self.steps_per_epoch)
+        self.state = TrainState()
+
+        if self.tcfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = torch.optim.AdamW(
+            _param_groups(model, self.tcfg.weight_decay),
+            lr=self.tcfg.learning_rate,
+            betas=(self.tcfg.adam_beta1, self.tcfg.adam_beta2),
+            eps=self.tcfg.adam_eps,
+        )
+        warmup = self.tcfg.warmup_steps or round(self.tcfg.warmup_ratio * self.total_steps)
+        # Stepped by us once per optimizer step, so it is not handed to accelerate.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, _lr_lambda(self.tcfg.lr_scheduler, warmup, self.total_steps)
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.writers = _Writers(self.out, self.tcfg.report_to, accelerator.is_main_process, cfg)
+
+    # ---- the loop -----------------------------------------------------------------
+
+    def fit(self, resume: bool = False) -> dict:
+        if resume:
+            self._resume()
+        status = "completed"
+        bar = None
+        if self.acc.is_main_process and self.tcfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step", dynamic_ncols=True)
+        if self.state.step == 0 and self.eval_set is not None and self.tcfg.eval_steps:
+            # The baseline every later evaluation is compared with.
+            self._write_metrics(self.evaluate())
+        try:
+            while self.state.step < self.total_steps:
+                epoch, index = divmod(self.state.step, self.steps_per_epoch)
+                plan = epoch_plan(self.lengths, self.global_batch, epoch, self.tcfg.seed, self.tcfg.group_by_length)
+                record = self._train_step(plan[index])
+                self.state.step += 1
+                step = self.state.step
+                if bar is not None:
+                    bar.update(1)
+                    if "loss" in self.state.window:
+                        bar.set_postfix(loss=f"{self.state.window['loss'] / self.state.window['n']:.4f}")
+                if step % self.tcfg.logging_steps == 0 or step == self.total_steps:
+                    record.update(self._close_window())
+                stop = False
+                if self.eval_set is not None and self.tcfg.eval_steps and (
+                    step % self.tcfg.eval_steps == 0 or step == self.total_steps
+                ):
+                    record.update(self.evaluate())
+                    stop = self._track_best(record["eval_loss"])
+                if len(record) > 0:
+                    self._write_metrics(record)
+                if self.tcfg.save_steps and step % self.tcfg.save_steps == 0 and step < self.total_steps:
+                    self.save_checkpoint()
+                if stop:
+                    status = "early_stopped"
+                    self.log(f"early stopping at step {step}: eval loss did not improve for "
+                             f"{self.tcfg.early_stopping_patience} evaluations (best {self.state.best_eval:.4f} "
+                             f"at step {self.state.best_step})")
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            self.writers.close()
+        return {"status": status, "steps": self.state.step}
+
+    def _micro_batches(self, global_batch: list[int]) -> list[dict[str, torch.Tensor]]:
+        parts = split_global_batch(
+            global_batch, self.lengths, self.tcfg.gradient_accumulation_steps, self.world, self.acc.process_index
+        )
+        return [self.method.collate([self.train_set.row(r) for r in part]) for part in parts]
+
+    def _global_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.acc.device)
+        if self.world > 1:
+            t = self.acc.reduce(t, reduction="sum")
+        return t.tolist()
+
+    def _train_step(self, global_batch: list[int]) -> dict:
+        started = time.perf_counter()
+        self.model.train()
+        micro = self._micro_batches(global_batch)
+        counts = [self.method.count(b) for b in micro]
+        (global_units,) = self._global_sum([float(sum(counts))])
+        if global_units == 0:
+            raise PosttrainError("a global batch has no trained tokens; check the data report")
+        loss_sum = 0.0
+        metric_sums: dict[str, float] = {}
+        for j, batch in enumerate(micro):
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            last = j == len(micro) - 1
+            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
+            with sync, self.acc.autocast():
+                loss, metrics = self.method.loss(self.model, batch)
+                # DDP averages gradients over processes, hence the world-size factor.
+                self.acc.backward(loss * (self.world / global_units))
+            loss_sum += float(loss.detach())
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
+        totals = self._global_sum([loss_sum, *metric_sums.values()])
+        step_loss = totals[0] / global_units
+        step_metrics = {k: v / global_units for k, v in zip(metric_sums, totals[1:])}
+        grad_norm = self._grad_norm()
+        if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = f"loss={step_loss}, grad_norm={grad_norm} at step {self.state.step + 1}"
+            if self.tcfg.nan_policy == "stop":
+                raise NonFiniteLoss(
+                    f"non-finite {what}; the run stopped and no model was written as final. "
+                    f"Lower training.learning_rate, use bf16 instead of fp16, or set training.nan_policy=skip. "
+                    f"The last good checkpoint (if any) is in {self.out / 'checkpoints'}"
+                )
+            self.state.skipped_steps += 1
+            self.log(f"skipped a step with non-finite {what}")
+            self.scheduler.step()
+            return {"skipped_steps": self.state.skipped_steps}
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.tokens += int(global_units)
+        w = self.state.window
+        w["n"] = w.get("n", 0) + 1
+        w["loss"] = w.get("loss", 0.0) + step_loss
+        w["grad_norm"] = w.get("grad_norm", 0.0) + grad_norm
+        w["units"] = w.get("units", 0) + global_units
+        w["time"] = w.get("time", 0.0) + time.perf_counter() - started
+        for k, v in step_metrics.items():
+            w[k] = w.get(k, 0.0) + v
+        return {}
+
+    def _grad_norm(self) -> float:
+        if self.tcfg.max_grad_norm:
+            return float(self.acc.clip_grad_norm_(self.trainable, self.tcfg.max_grad_norm))
+        grads = [p.grad.detach().float().norm() for p in self.trainable if p.grad is not None]
+        return float(torch.stack(grads).norm()) if grads else 0.0
+
+    def _close_window(self) -> dict:
+        w, self.state.window = self.state.window, {}
+        if not w.get("n"):
+            return {}
+        n = w.pop("n")
+        rec = {k: w.pop(k) / n for k in ("loss", "grad_norm")}
+        units, elapsed = w.pop("units"), w.pop("time")
+        rec.update({k: v / n for k, v in w.items()})
+        rec["lr"] = self.scheduler.get_last_lr()[0]
+        rec["tokens"] = self.state.tokens
+        rec["tokens_per_sec"] = units / elapsed if elapsed > 0 else None
+        return rec
+
+    def _write_metrics(self, record: dict) -> None:
+        step = self.state.step
+        full = {"step": step, "epoch": round(step / self.steps_per_epoch, 4), **record}
+        self.writers.write(full)
+
+    # ---- evaluation -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        lengths = self.eval_set.row_lengths()
+        order = sorted(range(len(self.eval_set)), key=lambda i: -lengths[i])
+        bs = self.tcfg.batch_size
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        loss_sum = units = 0.0
+        for idx in batches[self.acc.process_index :: self.world]:
+            batch = self.method.collate([self.eval_set.row(r) for r in idx])
+            units += self.method.count(batch)
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            with self.acc.autocast():
+                loss, _ = self.method.loss(model, batch)
+            loss_sum += float(loss)
+        loss_sum, units = self._global_sum([loss_sum, units])
+        model.train(was_training)
+        eval_loss = loss_sum / max(units, 1)
+        return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
+
+    def _track_best(self, eval_loss: float) -> bool:
+        """Record an evaluation; save the best; True when early stopping says stop."""
+        s = self.state
+        if s.best_eval is None or eval_loss < s.best_eval:
+            s.best_eval, s.best_step, s.evals_without_improvement = eval_loss, s.step, 0
+            if self.tcfg.early_stopping_patience is not None and s.step < self.total_steps:
+                self.save_checkpoint()
+            return False
+        s.evals_without_improvement += 1
+        patience = self.tcfg.early_stopping_patience
+        return patience is not None and s.evals_without_improvement >= patience
+
+    # ---- checkpoints --------------------------------------------------------------------
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        step = self.state.step
+        path = self.ckpt_root / f"step-{step}"
+        rng = [_rng_state()]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rng = gather_object(rng)
+        if self.acc.is_main_process:
+            with atomic_dir(path) as tmp:
+                save_model(self.acc.unwrap_model(self.model), self.tokenizer, tmp / "model")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(rng, tmp / "rng.pt")
+                # Written last inside the folder; the folder itself appears only when whole.
+                atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(self.state), indent=2))
+            self._rotate_checkpoints()
+        self.acc.wait_for_everyone()
+        return path
+
+    def _checkpoints(self) -> list[tuple[int, Path]]:
+        if not self.ckpt_root.is_dir():
+            return []
+        found = []
+        for p in self.ckpt_root.iterdir():
+            m = re.fullmatch(r"step-(\d+)", p.name)
+            if m and (p / "trainer_state.json").is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def _rotate_checkpoints(self) -> None:
+        limit = self.tcfg.save_total_limit
+        if limit is None:
+            return
+        ckpts = [(s, p) for s, p in self._checkpoints() if s != self.state.best_step]
+        keep = limit - 1 if self.state.best_step is not None else limit
+        for _, p in ckpts[: max(0, len(ckpts) - max(keep, 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+
+    def _resume(self) -> None:
+        ckpts = self._checkpoints()
+        if not ckpts:
+            self.log(f"--resume: no checkpoint in {self.ckpt_root}; starting from the beginning")
+            return
+        step, path = ckpts[-1]
+        load_weights(self.acc.unwrap_model(self.model), path / "model")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        _set_rng_state(rng[self.acc.process_index] if len(rng) == self.world else rng[0])
+        self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+        if self.acc.is_main_process:
+            self.writers.truncate_after(step)
+        self.acc.wait_for_everyone()
+        self.log(f"resumed from {path} (step {step} of {self.total_steps})")
+
+    def load_best(self) -> bool:
+        """Put the best checkpoint's weights into the model (early stopping runs end on the best)."""
+        best = self.state.best_step
+        path = self.ckpt_root / f"step-{best}" / "model"
+        if best is None or best == self.state.step or not path.is_dir():
+            return False
+        load_weights(self.acc.unwrap_model(self.model), path)
+        return True
+
+
+class _Writers:
+    """metrics.jsonl always; TensorBoard and Weights & Biases when asked for."""
+
+    def __init__(self, out: Path, report_to: list[str], main: bool, cfg: RunConfig):
+        self.path = out / "metrics.jsonl"
+        self.main = main
+        self.tb = self.wandb = None
+        if not main:
+            return
+        if "tensorboard" in report_to:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from posttrain.errors import MissingExtraError
+
+                raise MissingExtraError("tensorboard", "tensorboard", "training.report_to=[tensorboard]") from None
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in report_to:
+            try:
+                import wandb
+            except ImportError:
+                from posttrain.errors import MissingExtraError
+
+                raise MissingExtraError("wandb", "wandb", "training.report_to=[wandb]") from None
+            self.wandb = wandb.init(project="posttrain", name=out.name, config=cfg.model_dump(mode="json"))
+
+    def write(self, record: dict) -> None:
+        if not self.main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        if self.tb is not None:
+            for k, v in numeric.items():
+                self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=record["step"])
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines logged after the checkpoint a run resumes from, so the curve has no duplicates."""
+        if not self.path.is_file():
+            return
+        lines = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        kept = [ln for ln in lines if json.loads(ln)["step"] <= step]
+        atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

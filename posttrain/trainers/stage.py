@@ -1,0 +1,137 @@
+"""Run one stage: config -> data -> model -> tuning -> loop -> output directory."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from posttrain import __version__
+from posttrain.config import RunConfig, dump_config
+from posttrain.errors import PosttrainError
+from posttrain.io import atomic_dir, atomic_write_text
+from posttrain.models.checkpoint import is_peft, save_model
+from posttrain.trainers.supervised import SupervisedMethod
+
+METHODS = {"pretrain": SupervisedMethod, "sft": SupervisedMethod}
+
+
+def _versions() -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    out = {"posttrain": __version__, "python": platform.python_version(), "torch": torch.__version__,
+           "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    try:
+        import peft
+
+        out["peft"] = peft.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        if not overwrite:
+            raise PosttrainError(
+                f"output_dir {out} already holds a run. Continue it with --resume, "
+                f"choose another output_dir, or pass --overwrite to replace it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _write_run_json(out: Path, info: dict) -> None:
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2, default=str))
+
+
+def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, log=print) -> Path:
+    """Train one stage and return the path of its final model."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from posttrain.data.dataset import build_datasets
+    from posttrain.data.templates import ChatEncoder, resolve_chat_template
+    from posttrain.models.load import load_model, load_tokenizer
+    from posttrain.trainers.loop import Trainer
+    from posttrain.tuning import apply_tuning, count_parameters
+
+    acc = Accelerator(mixed_precision=cfg.training.mixed_precision)
+    say = log if acc.is_main_process else (lambda *a, **k: None)
+    out = Path(cfg.output_dir)
+    if acc.is_main_process:
+        _prepare_output_dir(out, resume, overwrite)
+    acc.wait_for_everyone()
+    set_seed(cfg.training.seed)
+
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.method == "sft":
+        resolve_chat_template(tokenizer, cfg.model.chat_template)
+    with acc.main_process_first():
+        train_set, eval_set, report, fingerprint = build_datasets(
+            cfg.data, tokenizer, cfg.method, cfg.training.seed, log=say
+        )
+    say(report.format())
+    say(f"training rows: {len(train_set)} ({train_set.n_tokens} tokens)"
+        + (f", eval rows: {len(eval_set)}" if eval_set is not None else ""))
+
+    model = load_model(cfg.model, cfg.tuning.mode)
+    model = apply_tuning(model, cfg.tuning)
+    trainable, total = count_parameters(model)
+    say(f"tuning mode {cfg.tuning.mode}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
+
+    info = {
+        "status": "running", "method": cfg.method, "seed": cfg.training.seed, "versions": _versions(),
+        "data_fingerprint": fingerprint, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv, "trainable_params": trainable, "total_params": total,
+        "devices": acc.num_processes, "device_type": acc.device.type,
+    }
+    if acc.is_main_process:
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        atomic_write_text(out / "data_report.json", report.to_json())
+        _write_run_json(out, info)
+
+    trainer = Trainer(cfg, acc, model, tokenizer, METHODS[cfg.method](tokenizer.pad_token_id), train_set, eval_set, log=say)
+    try:
+        result = trainer.fit(resume=resume)
+    except BaseException as exc:
+        info.update(status="failed", error=str(exc) or type(exc).__name__, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if acc.is_main_process:
+            _write_run_json(out, info)
+        raise
+    if cfg.training.early_stopping_patience is not None and trainer.load_best():
+        say(f"final model = best checkpoint (step {trainer.state.best_step}, eval loss {trainer.state.best_eval:.4f})")
+    final = out / "final"
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(trainer.model)
+        if cfg.method == "sft":
+            _set_end_of_turn(unwrapped, tokenizer, ChatEncoder(tokenizer).end_of_turn_id)
+        with atomic_dir(final) as tmp:
+            save_model(unwrapped, tokenizer, tmp)
+            if is_peft(unwrapped):
+                unwrapped.get_base_model().generation_config.save_pretrained(str(tmp))
+        info.update(result, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tokens=trainer.state.tokens,
+                    best_eval_loss=trainer.state.best_eval, best_step=trainer.state.best_step,
+                    skipped_steps=trainer.state.skipped_steps, final=str(final))
+        _write_run_json(out, info)
+    acc.wait_for_everyone()
+    return final
+
+
+def _set_end_of_turn(model, tokenizer, eot_id: int | None) -> None:
+    """Make generation stop at the chat template's end-of-turn token (servers read generation_config)."""
+    gen = getattr(model, "generation_config", None)
+    base = getattr(model, "get_base_model", lambda: model)()
+    gen = getattr(base, "generation_config", gen)
+    if gen is None or eot_id is None:
+        return
+    eos = gen.eos_token_id
+    eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    gen.eos_token_id = [eot_id] + [e for e in eos if e != eot_id]
+    if gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
