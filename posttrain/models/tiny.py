@@ -9,8 +9,6 @@ string is encodable and the vocabulary is the same on every machine.
 from __future__ import annotations
 
 import os
-import shutil
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from posttrain.data.synthetic.corpus import tokenizer_corpus
 from posttrain.errors import PosttrainError
+from posttrain.io import atomic_dir
 
 # The {% generation %} block marks what the assistant wrote (its content and
 # the <|im_end|> it must learn to emit), which lets transformers return an
@@ -145,22 +144,10 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
     )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = _sibling(out_dir, "tmp")
-    staging.mkdir()
-    try:
+    with atomic_dir(out_dir) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _replace_dir(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir
-
-
-def _sibling(path: Path, kind: str) -> Path:
-    # Same parent so that os.replace stays a rename within one filesystem.
-    return path.parent / f".{path.name}.{uuid.uuid4().hex}.{kind}"
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
@@ -170,20 +157,3 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
         raise PosttrainError(
             f"build_tiny_model: {out_dir} is not empty; choose another directory or pass overwrite=True"
         )
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    # rename() cannot replace a non-empty directory, so the old one is moved
-    # aside first and deleted only once the new one is in place.
-    old = None
-    if target.exists():
-        old = _sibling(target, "old")
-        os.replace(target, old)
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
