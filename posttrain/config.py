@@ -6,8 +6,11 @@ names the field, the value given and what is allowed.
 
 from __future__ import annotations
 
+import copy
+import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -130,30 +133,86 @@ def _describe_allowed(err: dict) -> str:
     ctx = err.get("ctx") or {}
     if "expected" in ctx:
         return f"allowed: {ctx['expected']}"
+    if err["type"] == "value_error" and "error" in ctx:
+        return str(ctx["error"])  # our own validators' message, without pydantic's "Value error, " prefix
     return err["msg"]
+
+
+def _without_none(ann: Any) -> Any:
+    if get_origin(ann) in (Union, UnionType):
+        args = [a for a in get_args(ann) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return ann
+
+
+def _field_path(loc: tuple) -> str:
+    """The dotted field name of an error location, e.g. ``data.train[0].format``.
+
+    Pydantic puts a tag for each member of a union in the location
+    (``tuning.lora.target_modules.str``); those are not keys the user wrote, so they are left out.
+    """
+    shown = ""
+    ann: Any = RunConfig
+    for part in loc:
+        ann = _without_none(ann)
+        if isinstance(part, int):
+            shown += f"[{part}]"
+            args = get_args(ann)
+            ann = args[0] if args else None
+            continue
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            field = ann.model_fields.get(part)
+            ann = field.annotation if field is not None else None
+        elif get_origin(ann) in (Union, UnionType):
+            ann = None  # a union member's tag
+            continue
+        elif get_origin(ann) is dict:
+            args = get_args(ann)
+            ann = args[1] if args else None
+        else:
+            ann = None
+        shown += f".{part}" if shown else str(part)
+    return shown
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
+    # A value that fits no member of a union gets one error per member: shown as one line.
+    by_field: dict[str, list[dict]] = {}
     for err in exc.errors():
-        loc = ""
-        for part in err["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        by_field.setdefault(_field_path(err["loc"]), []).append(err)
+    for loc, errs in by_field.items():
+        err = errs[0]
         given = err.get("input")
         if err["type"] == "extra_forbidden":
             lines.append(f"  {loc}: unknown key (given {given!r}); check the spelling")
         elif err["type"] == "missing":
             lines.append(f"  {loc}: required, not given")
         else:
-            shown = given if not isinstance(given, dict) else "{...}"
-            lines.append(f"  {loc}: given {shown!r}; {_describe_allowed(err)}")
+            allowed = " or ".join(dict.fromkeys(_describe_allowed(e) for e in errs))
+            shown = "" if isinstance(given, dict) else f"given {given!r}; "
+            lines.append(f"  {loc}: {shown}{allowed}")
     return "\n".join(lines)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but 1e-4 is a float: YAML 1.1 wants a dot (1.0e-4) and reads 1e-4 as a string."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"), list("-+0123456789.")
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _parse_value(text: str) -> Any:
     """Parse an override's value with YAML rules, so 1e-4, true, [a, b] mean what they look like."""
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError:
         return text
 
@@ -179,7 +238,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _load_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if raw is None:
@@ -191,7 +250,7 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
     """Load, override and validate a run config. Relative data paths resolve against the config's folder."""
-    raw = dict(raw or {})
+    raw = copy.deepcopy(raw or {})  # overrides write into nested sections: never into the caller's dict
     if path is not None:
         raw = read_yaml(path)
     raw = apply_overrides(raw, overrides or [])

@@ -3,6 +3,8 @@
 Packed samples never see each other: the collator restarts position ids at each
 sample, and transformers turns restarting position ids (with no 2D attention
 mask) into a block-diagonal causal mask, or varlen flash attention on GPU.
+That detection is skipped when the forward pass builds a KV cache, so every
+training forward must pass ``use_cache=False`` (tests/invariants/test_packing.py).
 """
 
 from __future__ import annotations

@@ -43,8 +43,7 @@ class Encoded:
 def resolve_chat_template(tokenizer, override: str | None) -> None:
     """Install ``override`` (a template or a path to one) or check that the tokenizer has a template."""
     if override:
-        path = Path(override)
-        tokenizer.chat_template = path.read_text(encoding="utf-8") if path.is_file() else override
+        tokenizer.chat_template = _read_if_file(override)
     if not getattr(tokenizer, "chat_template", None):
         raise PosttrainError(
             "the tokenizer has no chat template, so conversations cannot be rendered. "
@@ -53,6 +52,15 @@ def resolve_chat_template(tokenizer, override: str | None) -> None:
         )
     if not getattr(tokenizer, "is_fast", False):
         raise PosttrainError("label masks need a fast tokenizer (with offset mappings); this one is a slow tokenizer")
+
+
+def _read_if_file(override: str) -> str:
+    """The file's text when ``override`` names a file, else ``override`` itself (an inline template)."""
+    try:
+        is_file = Path(override).is_file()
+    except (OSError, ValueError):  # an inline template is often too long to be a file name (ENAMETOOLONG)
+        is_file = False
+    return Path(override).read_text(encoding="utf-8") if is_file else override
 
 
 def _special_strings(tokenizer) -> list[str]:
@@ -78,7 +86,8 @@ class ChatEncoder:
         text = self._render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}])
         after = text[text.index(_SENTINEL) + len(_SENTINEL) :] if _SENTINEL in text else ""
         hits = [(after.find(s), s) for s in _special_strings(self.tok) if s and s in after]
-        return min(hits)[1] if hits else None
+        # The earliest one; where several start at the same place, the longest.
+        return min(hits, key=lambda h: (h[0], -len(h[1])))[1] if hits else None
 
     @property
     def end_of_turn_id(self) -> int | None:
@@ -123,7 +132,7 @@ class ChatEncoder:
                 break
             # A token belongs to the turn when it starts inside it; a token that merely
             # ends inside (a newline merged with the content's first letters) stays masked.
-            if e > s and s >= char_spans[k][0]:
+            if e > s and e > char_spans[k][0]:
                 labels[t] = ids[t]
                 firsts.setdefault(k, t)
                 lasts[k] = t
@@ -153,7 +162,11 @@ def truncate(enc: Encoded, max_len: int) -> Encoded | None:
 
 
 def split_text(enc: Encoded, max_len: int) -> list[Encoded]:
-    """Split a long pretraining document into consecutive chunks (no token is lost)."""
+    """Split a long pretraining document into consecutive chunks of at most ``max_len`` tokens.
+
+    No token is lost, except a lone last token: a chunk's first token is never a
+    target, so a one-token chunk would train nothing.
+    """
     out = []
     for start in range(0, len(enc.input_ids), max_len):
         ids = enc.input_ids[start : start + max_len]

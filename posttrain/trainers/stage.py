@@ -61,7 +61,10 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     from posttrain.trainers.loop import Trainer
     from posttrain.tuning import apply_tuning, count_parameters
 
-    acc = Accelerator(mixed_precision=cfg.training.mixed_precision)
+    import torch
+
+    # accelerate forms a gloo process group for CPU launches (torchrun, accelerate launch) only when told cpu=True.
+    acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available())
     say = log if acc.is_main_process else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
     if acc.is_main_process:

@@ -1,0 +1,83 @@
+"""Shared fixtures: one tiny model and small synthetic data sets per test session, built locally."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import load_config
+from posttrain.data.synthetic import make_domain_corpus, make_task_rows, split_train_test, write_jsonl
+from posttrain.models.tiny import build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_biases(tmp_path_factory, tiny_model) -> Path:
+    """The tiny model with attention and MLP biases, for BitFit."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    cfg.attention_bias = True
+    cfg.mlp_bias = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    out = tmp_path_factory.mktemp("models") / "tiny-bias"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("data")
+    train, test = split_train_test(make_task_rows(800, seed=0), 0.1, seed=0)
+    return {"train": write_jsonl(train, folder / "train.jsonl"), "eval": write_jsonl(test, folder / "eval.jsonl")}
+
+
+@pytest.fixture(scope="session")
+def domain_data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("domain")
+    return write_jsonl([{"text": t} for t in make_domain_corpus(400, seed=0)], folder / "corpus.jsonl")
+
+
+def base_config(model: Path, train: Path, out: Path, **sections) -> dict:
+    """A small SFT config; ``sections`` deep-merge into it."""
+    raw = {
+        "model": {"name_or_path": str(model)},
+        "method": "sft",
+        "tuning": {"mode": "full"},
+        "data": {"train": str(train), "max_seq_len": 96, "cache_dir": str(out.parent / "cache")},
+        "training": {"max_steps": 4, "batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1,
+                     "progress_bar": False, "seed": 0},
+        "output_dir": str(out),
+    }
+    return _merge(raw, sections)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run(raw: dict, **kw) -> Path:
+    from posttrain.trainers.stage import run_stage
+
+    return run_stage(load_config(None, raw=raw), log=lambda *a, **k: None, **kw)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [m["loss"] for m in metrics(run_dir) if "loss" in m]

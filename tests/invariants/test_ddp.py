@@ -1,0 +1,47 @@
+"""Two CPU processes (DDP over gloo) train exactly like one process with the same global batch."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import base_config, losses
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _train(cfg: dict, path, nproc: int) -> None:
+    path.write_text(yaml.safe_dump(cfg))
+    launcher = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    cmd = [sys.executable, *(launcher if nproc > 1 else []), "-m", "posttrain", "train", str(path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, tiny_model, task_data):
+    training = {"max_steps": 6, "batch_size": 4, "learning_rate": 3e-3}
+    two = base_config(tiny_model, task_data["train"], tmp_path / "two", data={"packing": True}, training=training)
+    one = base_config(tiny_model, task_data["train"], tmp_path / "one", data={"packing": True},
+                      training={**training, "gradient_accumulation_steps": 2})
+    _train(two, tmp_path / "two.yaml", nproc=2)
+    _train(one, tmp_path / "one.yaml", nproc=1)
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["devices"] == 2
+    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(a) == 6  # written once, by the main process only
+    assert a == pytest.approx(b, rel=1e-5)
+    wa = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)

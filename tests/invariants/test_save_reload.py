@@ -1,0 +1,63 @@
+"""Saved models reload with identical logits: full weights through transformers, adapters through peft."""
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from posttrain.config import TuningConfig
+from posttrain.models.checkpoint import load_weights, save_model
+from posttrain.tuning import apply_tuning
+
+
+def _perturbed(model):
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_full_save_reload_equal_logits(tmp_path, tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = _perturbed(AutoModelForCausalLM.from_pretrained(tiny_model)).eval()
+    ids = torch.tensor([tok("What is 12 + 30? 42")["input_ids"]])
+    save_model(model, tok, tmp_path / "m")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=0, atol=0)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    assert not torch.allclose(_logits(fresh, ids), _logits(model, ids))
+    load_weights(fresh, tmp_path / "m")  # the resume path
+    torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), rtol=0, atol=0)
+
+
+def test_lora_save_reload_equal_logits(tmp_path, tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = _perturbed(apply_tuning(AutoModelForCausalLM.from_pretrained(tiny_model), TuningConfig(mode="lora"))).eval()
+    ids = torch.tensor([tok("reverse the word abc: cba")["input_ids"]])
+    save_model(model, tok, tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "a").eval()
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(model, ids), rtol=1e-6, atol=1e-6)
+    fresh = apply_tuning(AutoModelForCausalLM.from_pretrained(tiny_model), TuningConfig(mode="lora")).eval()
+    load_weights(fresh, tmp_path / "a")
+    torch.testing.assert_close(_logits(fresh, ids), _logits(model, ids), rtol=1e-6, atol=1e-6)
+
+
+def test_refuses_to_save_non_finite_weights(tmp_path, tiny_model):
+    import pytest
+
+    from posttrain.errors import PosttrainError
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(PosttrainError, match="non-finite"):
+        save_model(model, tok, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
