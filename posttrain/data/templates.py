@@ -132,7 +132,7 @@ class ChatEncoder:
                 break
             # A token belongs to the turn when it starts inside it; a token that merely
             # ends inside (a newline merged with the content's first letters) stays masked.
-            if e > s and e > char_spans[k][0]:
+            if e > s and s >= char_spans[k][0]:
                 labels[t] = ids[t]
                 firsts.setdefault(k, t)
                 lasts[k] = t

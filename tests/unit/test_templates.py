@@ -36,7 +36,8 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|
 LLAMA3_TEMPLATE = (
     "{{- '<|begin_of_text|>' }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + (message['content'] | trim) + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + (message['content'] | trim) + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
@@ -208,6 +209,51 @@ def test_llama3_masks_token_by_token(llama3_tokenizer):
     ]
     header_ids = set(llama3_tokenizer.convert_tokens_to_ids(LLAMA3_SPECIALS[:3]))
     assert all(lab == IGNORE_INDEX for tid, lab in zip(enc.input_ids, enc.labels) if tid in header_ids)
+
+
+# --- tokens across a turn boundary, and the end-of-turn token ------------------------------
+
+COLON_TEMPLATE = (
+    "{%- for message in messages %}{{- message['role'] + ': ' + message['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
+)
+
+
+def test_token_straddling_the_start_of_a_response_stays_masked(tiny_dir):
+    # "assistant: " + "answer ..." puts the template's space and the answer's first letters
+    # in one token; the rule is: a token is trained when it *starts* inside the response.
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = COLON_TEMPLATE
+    messages = [{"role": "user", "content": "What now?"}, {"role": "assistant", "content": "answer is 4"}]
+    text = tok.apply_chat_template(messages, tokenize=False)
+    assert text == "user: What now?<|im_end|>\nassistant: answer is 4<|im_end|>\n"
+    start = text.index("answer")
+    end = text.rindex(IM_END) + len(IM_END)
+    enc = ChatEncoder(tok).encode_messages(messages)
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    straddling = [t for t, (s, e) in enumerate(offsets) if s < start < e]
+    assert straddling, "the test needs a token across the boundary"
+    for t, (s, e) in enumerate(offsets):
+        trained = start <= s < end
+        assert (enc.labels[t] != IGNORE_INDEX) == trained, (t, text[s:e])
+    assert enc.labels[straddling[0]] == IGNORE_INDEX
+    assert tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]).endswith(
+        " is 4<|im_end|>"
+    )
+
+
+def test_end_of_turn_is_the_first_special_token_after_the_content(tiny_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    old = "'<|im_end|>' }}{%- endgeneration %}"
+    tok.chat_template = CHATML_TEMPLATE.replace(old, "'<|im_end|><|endoftext|>' }}{%- endgeneration %}")
+    assert "<|im_end|><|endoftext|>" in tok.apply_chat_template(
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], tokenize=False
+    )
+    encoder = ChatEncoder(tok)
+    assert encoder.end_of_turn == IM_END
+    # The span still ends at the last <|im_end|>: the <|endoftext|> after it is not trained.
+    enc = encoder.encode_messages(CONVERSATION[:3])
+    assert tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]) == "68<|im_end|>"
 
 
 # --- alpaca --------------------------------------------------------------------------------
