@@ -130,9 +130,10 @@ class ChatEncoder:
                 k += 1
             if k == len(char_spans):
                 break
-            # A token belongs to the turn when it starts inside it; a token that merely
-            # ends inside (a newline merged with the content's first letters) stays masked.
-            if e > s and s >= char_spans[k][0]:
+            # A token is trained when it overlaps the turn. With templates such as
+            # "assistant: " + answer, the answer's first token carries the template's space;
+            # leaving it out would never teach the model how a response begins.
+            if e > s and e > char_spans[k][0]:
                 labels[t] = ids[t]
                 firsts.setdefault(k, t)
                 lasts[k] = t

@@ -219,9 +219,9 @@ COLON_TEMPLATE = (
 )
 
 
-def test_token_straddling_the_start_of_a_response_stays_masked(tiny_dir):
+def test_token_straddling_the_start_of_a_response_is_trained(tiny_dir):
     # "assistant: " + "answer ..." puts the template's space and the answer's first letters
-    # in one token; the rule is: a token is trained when it *starts* inside the response.
+    # in one token; it carries the response's start, so it is trained (tokens overlap the span).
     tok = AutoTokenizer.from_pretrained(tiny_dir)
     tok.chat_template = COLON_TEMPLATE
     messages = [{"role": "user", "content": "What now?"}, {"role": "assistant", "content": "answer is 4"}]
@@ -234,12 +234,10 @@ def test_token_straddling_the_start_of_a_response_stays_masked(tiny_dir):
     straddling = [t for t, (s, e) in enumerate(offsets) if s < start < e]
     assert straddling, "the test needs a token across the boundary"
     for t, (s, e) in enumerate(offsets):
-        trained = start <= s < end
+        trained = e > start and s < end
         assert (enc.labels[t] != IGNORE_INDEX) == trained, (t, text[s:e])
-    assert enc.labels[straddling[0]] == IGNORE_INDEX
-    assert tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]).endswith(
-        " is 4<|im_end|>"
-    )
+    assert enc.labels[straddling[0]] != IGNORE_INDEX
+    assert tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]) == " answer is 4<|im_end|>"
 
 
 def test_end_of_turn_is_the_first_special_token_after_the_content(tiny_dir):
