@@ -19,7 +19,7 @@ from posttrain.data.templates import (
     truncate,
 )
 from posttrain.errors import PosttrainError
-from posttrain.models.tiny import CHATML_TEMPLATE, build_tiny_model
+from posttrain.models.tiny import CHATML_TEMPLATE
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -44,18 +44,13 @@ LLAMA3_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return AutoTokenizer.from_pretrained(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def llama3_tokenizer(tiny_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_dir)  # a separate copy: the shared one stays ChatML
+def llama3_tokenizer(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)  # a separate copy: the shared one stays ChatML
     tok.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIALS})
     tok.chat_template = LLAMA3_TEMPLATE
     return tok
@@ -219,10 +214,10 @@ COLON_TEMPLATE = (
 )
 
 
-def test_token_straddling_the_start_of_a_response_is_trained(tiny_dir):
+def test_token_straddling_the_start_of_a_response_is_trained(tiny_model):
     # "assistant: " + "answer ..." puts the template's space and the answer's first letters
     # in one token; it carries the response's start, so it is trained (tokens overlap the span).
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = COLON_TEMPLATE
     messages = [{"role": "user", "content": "What now?"}, {"role": "assistant", "content": "answer is 4"}]
     text = tok.apply_chat_template(messages, tokenize=False)
@@ -240,8 +235,8 @@ def test_token_straddling_the_start_of_a_response_is_trained(tiny_dir):
     assert tok.decode([i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]) == " answer is 4<|im_end|>"
 
 
-def test_end_of_turn_is_the_first_special_token_after_the_content(tiny_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+def test_end_of_turn_is_the_first_special_token_after_the_content(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     old = "'<|im_end|>' }}{%- endgeneration %}"
     tok.chat_template = CHATML_TEMPLATE.replace(old, "'<|im_end|><|endoftext|>' }}{%- endgeneration %}")
     assert "<|im_end|><|endoftext|>" in tok.apply_chat_template(
@@ -278,16 +273,16 @@ def test_alpaca_row_trains_history_answers_and_output(tokenizer):
 # --- resolving a template ------------------------------------------------------------------
 
 
-def test_missing_chat_template_names_the_config_field(tiny_dir):
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+def test_missing_chat_template_names_the_config_field(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = None
     with pytest.raises(PosttrainError, match=r"model\.chat_template"):
         resolve_chat_template(tok, None)
     assert ChatEncoder(tok).end_of_turn is None
 
 
-def test_chat_template_from_a_file_is_installed(tiny_dir, tmp_path):
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+def test_chat_template_from_a_file_is_installed(tiny_model, tmp_path):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = None
     path = tmp_path / "llama3.jinja"
     path.write_text(LLAMA3_TEMPLATE, encoding="utf-8")
@@ -295,9 +290,9 @@ def test_chat_template_from_a_file_is_installed(tiny_dir, tmp_path):
     assert tok.chat_template == LLAMA3_TEMPLATE
 
 
-def test_inline_chat_template_is_installed(tiny_dir):
+def test_inline_chat_template_is_installed(tiny_model):
     # A real template is longer than a file name may be; it must not be mistaken for a bad path.
-    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
     tok.chat_template = None
     assert max(len(part) for part in CHATML_TEMPLATE.split("/")) > 255
     resolve_chat_template(tok, CHATML_TEMPLATE)

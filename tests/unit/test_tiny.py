@@ -14,18 +14,13 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+def tokenizer(tiny_model):
+    return AutoTokenizer.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return AutoTokenizer.from_pretrained(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_dir)
+def model(tiny_model):
+    return AutoModelForCausalLM.from_pretrained(tiny_model)
 
 
 def test_loads_through_auto_classes_with_matching_vocab(model, tokenizer):
