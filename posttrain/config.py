@@ -10,10 +10,10 @@ import copy
 import re
 from pathlib import Path
 from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError
 
@@ -22,8 +22,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# A path or a name: `output_dir=2024` on the command line parses as a number but means a name.
+Name = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)]
+
+
 class ModelConfig(_Section):
-    name_or_path: str = Field(description="local Hugging Face model directory or hub id")
+    name_or_path: Name = Field(description="local Hugging Face model directory or hub id")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     trust_remote_code: bool = False
@@ -59,7 +63,7 @@ class TuningConfig(_Section):
 
 
 class DataSource(_Section):
-    path: str
+    path: Name
     format: Literal["text", "alpaca", "messages"] = "messages"
     weight: float = Field(1.0, gt=0, description="sampling weight: 2.0 repeats the file twice, 0.5 takes half")
     role_map: dict[str, str] | None = Field(None, description="ShareGPT 'from' value -> role")
@@ -126,7 +130,7 @@ class RunConfig(_Section):
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    output_dir: str
+    output_dir: Name
 
 
 def _describe_allowed(err: dict) -> str:
@@ -249,7 +253,11 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
-    """Load, override and validate a run config. Relative data paths resolve against the config's folder."""
+    """Load, override and validate a run config.
+
+    A relative data path is taken from the working directory, or from the config's folder when
+    it is not found there (so recipes run from anywhere).
+    """
     raw = copy.deepcopy(raw or {})  # overrides write into nested sections: never into the caller's dict
     if path is not None:
         raw = read_yaml(path)

@@ -103,7 +103,9 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     try:
         result = trainer.fit(resume=resume)
     except BaseException as exc:
-        info.update(status="failed", error=str(exc) or type(exc).__name__, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        info.update(status=status, error=str(exc) or type(exc).__name__, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    resume_with="posttrain train <config> --resume")
         if acc.is_main_process:
             _write_run_json(out, info)
         raise

@@ -123,6 +123,7 @@ def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_
     monkeypatch.setattr(torch, "save", flaky)
     with pytest.raises(KeyboardInterrupt):
         run(base_config(tiny_model, task_data["train"], tmp_path / "o", training={"max_steps": 6, "save_steps": 2}))
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["status"] == "interrupted"
     ckpts = sorted(os.listdir(tmp_path / "o" / "checkpoints"))
     assert ckpts == ["step-2"]  # no partial step-4, no temporary left behind
     assert (tmp_path / "o" / "checkpoints" / "step-2" / "trainer_state.json").is_file()

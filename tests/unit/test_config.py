@@ -263,3 +263,10 @@ def test_absolute_data_paths_are_kept(tmp_path):
     sub.mkdir()
     cfg = load_config(write_yaml(sub / "run.yaml", raw(data={"train": str(data)})))
     assert cfg.data.train[0].path == str(data)
+
+
+def test_a_numeric_override_of_a_name_field_is_a_name():
+    from posttrain.config import load_config
+
+    cfg = load_config(None, ["output_dir=2024"], raw=raw())
+    assert cfg.output_dir == "2024"
