@@ -46,11 +46,9 @@ def load_weights(model, path: Path) -> None:
         return
     result = model.load_state_dict(state, strict=False)
     # Tied weights (e.g. lm_head = embed_tokens) are saved once; they are loaded through their twin.
-    by_id: dict[int, set[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), set()).add(name)
-    loaded = set(state)
-    missing = [k for k in result.missing_keys if not any(n in loaded for ids in by_id.values() if k in ids for n in ids)]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name in state}
+    missing = [k for k in result.missing_keys if k not in params or id(params[k]) not in loaded]
     if missing or result.unexpected_keys:
         raise PosttrainError(
             f"weights in {path} do not match the model: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"

@@ -25,7 +25,7 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.data.collate import epoch_plan, split_global_batch
-from posttrain.errors import PosttrainError
+from posttrain.errors import MissingExtraError, PosttrainError
 from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models.checkpoint import load_weights, save_model
 
@@ -390,16 +390,12 @@ class _Writers:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                from posttrain.errors import MissingExtraError
-
                 raise MissingExtraError("tensorboard", "tensorboard", "training.report_to=[tensorboard]") from None
             self.tb = SummaryWriter(str(out / "tensorboard"))
         if "wandb" in report_to:
             try:
                 import wandb
             except ImportError:
-                from posttrain.errors import MissingExtraError
-
                 raise MissingExtraError("wandb", "wandb", "training.report_to=[wandb]") from None
             self.wandb = wandb.init(project="posttrain", name=out.name, config=cfg.model_dump(mode="json"))
 

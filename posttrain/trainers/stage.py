@@ -130,9 +130,8 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
 
 def _set_end_of_turn(model, tokenizer, eot_id: int | None) -> None:
     """Make generation stop at the chat template's end-of-turn token (servers read generation_config)."""
-    gen = getattr(model, "generation_config", None)
-    base = getattr(model, "get_base_model", lambda: model)()
-    gen = getattr(base, "generation_config", gen)
+    base = model.get_base_model() if is_peft(model) else model
+    gen = getattr(base, "generation_config", None)
     if gen is None or eot_id is None:
         return
     eos = gen.eos_token_id

@@ -61,3 +61,17 @@ def test_refuses_to_save_non_finite_weights(tmp_path, tiny_model):
     with pytest.raises(PosttrainError, match="non-finite"):
         save_model(model, tok, tmp_path / "bad")
     assert not (tmp_path / "bad" / "model.safetensors").exists()
+
+
+def test_loading_weights_with_a_missing_tensor_is_refused(tmp_path, tiny_model):
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from posttrain.errors import PosttrainError
+
+    state = load_file(str(tiny_model / "model.safetensors"))
+    del state["model.layers.0.mlp.up_proj.weight"]
+    (tmp_path / "partial").mkdir()
+    save_file(state, str(tmp_path / "partial" / "model.safetensors"))
+    with pytest.raises(PosttrainError, match="up_proj"):
+        load_weights(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "partial")

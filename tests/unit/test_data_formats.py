@@ -5,7 +5,6 @@ import json
 import pytest
 
 from posttrain.data.formats import DEFAULT_ROLE_MAP, Example, normalise
-from posttrain.data.report import RowIssue
 from posttrain.data.validate import load_examples
 from posttrain.errors import DataError, PosttrainError
 
