@@ -64,7 +64,7 @@ class TuningConfig(_Section):
 
 class DataSource(_Section):
     path: Name
-    format: Literal["text", "alpaca", "messages"] = "messages"
+    format: Literal["text", "alpaca", "messages", "preference", "feedback"] = "messages"
     weight: float = Field(1.0, gt=0, description="sampling weight: 2.0 repeats the file twice, 0.5 takes half")
     role_map: dict[str, str] | None = Field(None, description="ShareGPT 'from' value -> role")
 
@@ -124,13 +124,96 @@ class TrainingConfig(_Section):
         return self
 
 
+class DpoConfig(_Section):
+    beta: float = Field(0.1, gt=0, description="strength of the KL constraint to the reference")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="assumed fraction of flipped labels (sigmoid only)")
+    smoothing: Literal["conservative", "robust"] = Field(
+        "conservative", description="cDPO (Mitchell 2023) or robust DPO (Chowdhury et al. 2024) label smoothing"
+    )
+    nll_weight: float = Field(0.0, ge=0.0, description="weight of a per-token NLL term on chosen (RPO)")
+
+    @model_validator(mode="after")
+    def _smoothing_is_sigmoid_only(self) -> "DpoConfig":
+        if self.label_smoothing > 0 and self.loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing is defined for loss_type=sigmoid only, not {self.loss_type}")
+        return self
+
+
+class KtoConfig(_Section):
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float = Field(1.0, gt=0, description="lambda_D")
+    undesirable_weight: float = Field(1.0, gt=0, description="lambda_U")
+
+
+class SimpoConfig(_Section):
+    beta: float = Field(2.0, gt=0)
+    gamma: float = Field(0.5, ge=0.0, description="target reward margin")
+    nll_weight: float = Field(0.0, ge=0.0, description="weight of a per-token NLL term on chosen")
+
+
+class OrpoConfig(_Section):
+    lam: float = Field(0.1, gt=0, description="weight of the odds-ratio term (lambda in the paper)")
+
+
+class RewardConfig(_Section):
+    margin_from_score: bool = Field(
+        False, description="subtract (score.chosen - score.rejected) * margin_scale inside the sigmoid (Llama 2)"
+    )
+    margin_scale: float = Field(1.0, gt=0)
+    center_weight: float = Field(0.0, ge=0.0, description="weight of (r_chosen + r_rejected)^2, keeps rewards centred")
+
+
+class PreferenceConfig(_Section):
+    reference: Literal["auto", "adapters_off", "precomputed", "live"] = Field(
+        "auto",
+        description="auto: adapters_off for LoRA, precomputed for the other modes; "
+        "live holds a frozen copy of the starting model",
+    )
+    reference_batch_size: int | None = Field(None, ge=1, description="batch for precomputing; default 2x batch_size")
+    dpo: DpoConfig = Field(default_factory=DpoConfig)
+    kto: KtoConfig = Field(default_factory=KtoConfig)
+    simpo: SimpoConfig = Field(default_factory=SimpoConfig)
+    orpo: OrpoConfig = Field(default_factory=OrpoConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+
+
+METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo")
+REFERENCE_METHODS = ("dpo", "kto")
+
+
 class RunConfig(_Section):
     model: ModelConfig
-    method: Literal["pretrain", "sft"]
+    method: Literal["pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo"]
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output_dir: Name
+
+    @model_validator(mode="after")
+    def _reference_fits(self) -> "RunConfig":
+        ref = self.preference.reference
+        if ref == "auto":
+            return self
+        if self.method not in REFERENCE_METHODS:
+            raise ValueError(
+                f"preference.reference={ref}: method {self.method} uses no reference model; leave it at auto"
+            )
+        if ref == "adapters_off" and self.tuning.mode != "lora":
+            raise ValueError(
+                f"preference.reference=adapters_off needs tuning.mode=lora (given {self.tuning.mode}); "
+                f"use precomputed or live"
+            )
+        return self
+
+    def reference_mode(self) -> str | None:
+        """How the reference log-probs are obtained, or None for methods that use none."""
+        if self.method not in REFERENCE_METHODS:
+            return None
+        if self.preference.reference != "auto":
+            return self.preference.reference
+        return "adapters_off" if self.tuning.mode == "lora" else "precomputed"
 
 
 def _describe_allowed(err: dict) -> str:

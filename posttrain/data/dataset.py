@@ -21,6 +21,7 @@ import numpy as np
 from posttrain.config import DataConfig, DataSource
 from posttrain.data.formats import Example
 from posttrain.data.packing import pack_best_fit
+from posttrain.data.pairs import FEEDBACK_METHODS, PAIR_METHODS, PairEncoder, set_type, to_set
 from posttrain.data.report import DataReport, RowIssue
 from posttrain.data.templates import ChatEncoder, Encoded, TemplateMismatch, split_text, truncate
 from posttrain.data.validate import load_examples
@@ -28,9 +29,17 @@ from posttrain.errors import PosttrainError
 from posttrain.io import atomic_write_bytes, atomic_write_text
 
 # Bump when the encoding logic changes, so stale caches are never reused.
-PIPELINE_VERSION = "1"
+PIPELINE_VERSION = "2"
 
-METHOD_FORMATS = {"pretrain": ("text",), "sft": ("alpaca", "messages")}
+METHOD_FORMATS = {
+    "pretrain": ("text",),
+    "sft": ("alpaca", "messages"),
+    "reward": ("preference",),
+    "dpo": ("preference",),
+    "simpo": ("preference",),
+    "orpo": ("preference",),
+    "kto": ("feedback", "preference"),
+}
 
 
 @dataclass
@@ -176,13 +185,29 @@ def _weighted(indices: list[int], weight: float, rng: random.Random) -> list[int
     return out
 
 
-def _build(cfg: DataConfig, tokenizer, method: str, seed: int) -> tuple[TokenizedSet, TokenizedSet | None, DataReport]:
+def _encoder(tokenizer, cfg: DataConfig, report: DataReport, method: str):
+    if method in PAIR_METHODS + FEEDBACK_METHODS:
+        return PairEncoder(tokenizer, cfg, report, method)
+    return _Encoder(tokenizer, cfg, report)
+
+
+def _assemble(items: list, cfg: DataConfig, method: str, seed: int):
+    if method in PAIR_METHODS + FEEDBACK_METHODS:
+        return to_set(items, method, seed)
+    ds = TokenizedSet(
+        [np.asarray(s.input_ids, np.int32) for s in items], [np.asarray(s.labels, np.int32) for s in items], []
+    )
+    lengths = [len(x) for x in ds.input_ids]
+    ds.rows = pack_best_fit(lengths, cfg.max_seq_len) if cfg.packing else [[i] for i in range(len(lengths))]
+    return ds
+
+
+def _build(cfg: DataConfig, tokenizer, method: str, seed: int):
     report = DataReport()
-    encoder = _Encoder(tokenizer, cfg, report)
+    encoder = _encoder(tokenizer, cfg, report, method)
     rng = random.Random(seed)
-    train_ids: list[np.ndarray] = []
-    train_labels: list[np.ndarray] = []
-    eval_samples: list[Encoded] = []
+    train_items: list = []
+    eval_items: list = []
     train_index: list[int] = []
 
     for src in cfg.train:
@@ -193,14 +218,12 @@ def _build(cfg: DataConfig, tokenizer, method: str, seed: int) -> tuple[Tokenize
             held = set(rng.sample(range(len(examples)), max(1, round(cfg.eval_fraction * len(examples)))))
         mine = []
         for k, ex in enumerate(examples):
-            samples = encoder(ex)
+            items = encoder(ex)
             if k in held:
-                eval_samples.extend(samples)
+                eval_items.extend(items)
                 continue
-            for s in samples:
-                mine.append(len(train_ids))
-                train_ids.append(np.asarray(s.input_ids, dtype=np.int32))
-                train_labels.append(np.asarray(s.labels, dtype=np.int32))
+            mine.extend(range(len(train_items), len(train_items) + len(items)))
+            train_items.extend(items)
         train_index.extend(_weighted(mine, src.weight, rng))
 
     report.check(cfg.max_drop_fraction, "training data")
@@ -209,39 +232,37 @@ def _build(cfg: DataConfig, tokenizer, method: str, seed: int) -> tuple[Tokenize
 
     eval_report = DataReport()
     if cfg.eval:
-        eval_encoder = _Encoder(tokenizer, cfg, eval_report)
+        eval_encoder = _encoder(tokenizer, cfg, eval_report, method)
         for src in cfg.eval:
             _check_format(src, method)
             examples, _ = load_examples(src.path, src.format, role_map=src.role_map, report=eval_report)
             for ex in examples:
-                eval_samples.extend(eval_encoder(ex))
+                eval_items.extend(eval_encoder(ex))
         eval_report.check(cfg.max_drop_fraction, "eval data")
         report.merge(eval_report)
 
     # Weighted repeats share arrays; the index list decides what is trained and how often.
-    train = TokenizedSet([train_ids[i] for i in train_index], [train_labels[i] for i in train_index], [])
-    evalset = TokenizedSet(
-        [np.asarray(s.input_ids, np.int32) for s in eval_samples],
-        [np.asarray(s.labels, np.int32) for s in eval_samples],
-        [],
-    )
-    for ds in (train, evalset):
-        lengths = [len(x) for x in ds.input_ids]
-        ds.rows = pack_best_fit(lengths, cfg.max_seq_len) if cfg.packing else [[i] for i in range(len(lengths))]
+    train = _assemble([train_items[i] for i in train_index], cfg, method, seed)
+    evalset = _assemble(eval_items, cfg, method, seed)
     return train, (evalset if len(evalset) else None), report
 
 
-def build_datasets(
-    cfg: DataConfig, tokenizer, method: str, seed: int, *, log=print
-) -> tuple[TokenizedSet, TokenizedSet | None, DataReport, str]:
-    """Return (train, eval or None, report, fingerprint), from the cache when it holds them."""
+def cache_folder(cfg: DataConfig, fp: str) -> Path:
+    return (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / fp
+
+
+def build_datasets(cfg: DataConfig, tokenizer, method: str, seed: int, *, log=print):
+    """Return (train, eval or None, report, fingerprint), from the cache when it holds them.
+
+    The sets are ``TokenizedSet`` for pretrain/SFT, ``PairSet`` or ``FeedbackSet`` for the preference methods.
+    """
     fp = fingerprint(cfg, tokenizer, method, seed)
-    folder = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    folder = folder / fp
+    folder = cache_folder(cfg, fp)
     if (folder / "report.json").is_file():
         report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
-        train = TokenizedSet.load(folder / "train.npz")
-        evalset = TokenizedSet.load(folder / "eval.npz") if (folder / "eval.npz").is_file() else None
+        kind = set_type(method) if method in PAIR_METHODS + FEEDBACK_METHODS else TokenizedSet
+        train = kind.load(folder / "train.npz")
+        evalset = kind.load(folder / "eval.npz") if (folder / "eval.npz").is_file() else None
         log(f"tokenized data loaded from cache {folder}")
         return train, evalset, report, fp
     train, evalset, report = _build(cfg, tokenizer, method, seed)

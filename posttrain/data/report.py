@@ -41,6 +41,7 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)  # per reason
     altered: Counter = field(default_factory=Counter)  # per reason (e.g. truncated), row kept
     examples: dict[str, list[RowIssue]] = field(default_factory=dict)
+    notes: Counter = field(default_factory=Counter)  # facts about kept rows, e.g. preference reject reasons
 
     def read(self, file: str, n: int = 1) -> None:
         self.rows_read[file] += n
@@ -55,6 +56,9 @@ class DataReport:
     def alter(self, issue: RowIssue) -> None:
         self.altered[issue.reason] += 1
         self._example(issue)
+
+    def note(self, what: str) -> None:
+        self.notes[what] += 1
 
     def unkeep(self, file: str) -> None:
         """A row counted as kept by an earlier stage was dropped by a later one."""
@@ -82,6 +86,7 @@ class DataReport:
         self.rows_kept.update(other.rows_kept)
         self.dropped.update(other.dropped)
         self.altered.update(other.altered)
+        self.notes.update(other.notes)
         for issues in other.examples.values():
             for issue in issues:
                 self._example(issue)
@@ -98,6 +103,8 @@ class DataReport:
                 more = n - len(self.examples.get(reason, []))
                 if more > 0:
                     lines.append(f"    ... and {more} more")
+        for what, n in self.notes.most_common(10):
+            lines.append(f"  noted: {n} x {what}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -107,12 +114,14 @@ class DataReport:
             "dropped": dict(self.dropped),
             "altered": dict(self.altered),
             "examples": {r: [vars(i) for i in issues] for r, issues in self.examples.items()},
+            "notes": dict(self.notes),
         }
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataReport":
         rep = cls(Counter(d["rows_read"]), Counter(d["rows_kept"]), Counter(d["dropped"]), Counter(d["altered"]))
         rep.examples = {r: [RowIssue(**i) for i in issues] for r, issues in d["examples"].items()}
+        rep.notes = Counter(d.get("notes", {}))
         return rep
 
     def check(self, max_drop_fraction: float, what: str = "training data") -> None:

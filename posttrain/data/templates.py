@@ -93,12 +93,16 @@ class ChatEncoder:
     def end_of_turn_id(self) -> int | None:
         return self.tok.convert_tokens_to_ids(self.end_of_turn) if self.end_of_turn else None
 
-    def trained_char_spans(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        """The full render and the character spans to train (one per selected assistant turn)."""
+    def trained_char_spans(self, messages: list[dict], train_from: int = 0) -> tuple[str, list[tuple[int, int]]]:
+        """The full render and the character spans to train (one per selected assistant turn).
+
+        Assistant turns before message ``train_from`` are context, not trained (a preference
+        pair's prompt may hold earlier assistant turns).
+        """
         full = self._render(messages)
         spans = []
         for i, msg in enumerate(messages):
-            if msg["role"] != "assistant":
+            if msg["role"] != "assistant" or i < train_from:
                 continue
             head = self._render(messages[:i], add_generation_prompt=True)
             turn = self._render(messages[: i + 1])
@@ -117,8 +121,8 @@ class ChatEncoder:
             spans = spans[-1:]
         return full, spans
 
-    def encode_messages(self, messages: list[dict]) -> Encoded:
-        text, char_spans = self.trained_char_spans(messages)
+    def encode_messages(self, messages: list[dict], train_from: int = 0) -> Encoded:
+        text, char_spans = self.trained_char_spans(messages, train_from)
         enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids, offsets = enc["input_ids"], enc["offset_mapping"]
         labels = [IGNORE_INDEX] * len(ids)

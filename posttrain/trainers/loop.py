@@ -31,13 +31,80 @@ from posttrain.models.checkpoint import load_weights, save_model
 
 
 class Method(Protocol):
+    """What a training method supplies to the loop.
+
+    Optional members, looked up with getattr:
+    - ``tokens(batch) -> int``: trained tokens, for throughput (default: ``count``);
+    - ``prepare_step(model, batches, global_sum)``: called with every micro-batch of a step
+      (or every eval batch) before any loss, for statistics over the whole global batch
+      (KTO's reference point); ``global_sum(list[float]) -> list[float]`` sums over processes;
+    - ``finalize(metrics) -> metrics``: derived metrics from the averaged ones;
+    - ``perplexity``: True when eval_loss is a per-token NLL (eval_ppl is then logged).
+    """
+
     def collate(self, rows: list[Any]) -> dict[str, torch.Tensor]: ...
 
     def count(self, batch: dict[str, torch.Tensor]) -> int: ...
 
-    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(sum of the loss over the batch's units, {metric name: sum over units})."""
+    def loss(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(sum of the loss over the batch's units, metrics).
+
+        A metric is a sum over the batch's units (averaged over the units of the global batch),
+        or a (sum, count) pair for a metric over a subset (e.g. KTO's desirable examples).
+        """
         ...
+
+
+def _sum_count(value: Any) -> tuple[float, float | None]:
+    if isinstance(value, tuple):
+        return float(value[0]), float(value[1])
+    return float(value), None
+
+
+class _MetricSums:
+    """Sums of metrics over micro-batches, then over processes; averaged per unit or per own count."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, float | None] = {}
+
+    def add(self, metrics: dict[str, Any]) -> None:
+        for k, v in metrics.items():
+            total, count = _sum_count(v)
+            self.sums[k] = self.sums.get(k, 0.0) + total
+            if count is not None:
+                self.counts[k] = (self.counts.get(k) or 0.0) + count
+            else:
+                self.counts.setdefault(k, None)
+
+    def align(self, world: int) -> None:
+        """Give every process the same metric names in the same order, so their sums can be reduced.
+
+        Needed for evaluation, where a process may have no batch (and so no metric names) at all.
+        """
+        mine = [(k, self.counts[k] is not None) for k in self.sums]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            mine = gather_object([mine])
+            mine = [kv for part in mine for kv in part]
+        names = dict(mine)
+        self.sums = {k: self.sums.get(k, 0.0) for k in sorted(names)}
+        self.counts = {k: (self.counts.get(k) or 0.0) if names[k] else None for k in sorted(names)}
+
+    def flat(self) -> list[float]:
+        return [*self.sums.values(), *(c or 0.0 for c in self.counts.values())]
+
+    def means(self, reduced: list[float], units: float) -> dict[str, float]:
+        n = len(self.sums)
+        sums, counts = reduced[:n], reduced[n:]
+        out = {}
+        for (k, own), total, count in zip(self.counts.items(), sums, counts):
+            if own is None:
+                out[k] = total / max(units, 1)
+            elif count > 0:  # a subset that is empty in this batch has no mean
+                out[k] = total / count
+        return out
 
 
 class NonFiniteLoss(PosttrainError):
@@ -53,7 +120,7 @@ class TrainState:
     evals_without_improvement: int = 0
     skipped_steps: int = 0
     # The logging window in progress, so a resumed run logs the same averages.
-    window: dict[str, float] = field(default_factory=dict)
+    window: dict[str, Any] = field(default_factory=dict)
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
@@ -156,7 +223,8 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
                     if "loss" in self.state.window:
-                        bar.set_postfix(loss=f"{self.state.window['loss'] / self.state.window['n']:.4f}")
+                        total, n = self.state.window["loss"]
+                        bar.set_postfix(loss=f"{total / n:.4f}")
                 if step % self.tcfg.logging_steps == 0 or step == self.total_steps:
                     record.update(self._close_window())
                 stop = False
@@ -201,8 +269,13 @@ class Trainer:
         (global_units,) = self._global_sum([float(sum(counts))])
         if global_units == 0:
             raise PosttrainError("a global batch has no trained tokens; check the data report")
+        prepare = getattr(self.method, "prepare_step", None)
+        if prepare is not None:
+            with self.acc.autocast():
+                prepare(self.model, micro, self._global_sum)
         loss_sum = 0.0
-        metric_sums: dict[str, float] = {}
+        tokens = sum(self._tokens(b) for b in micro)
+        metric_sums = _MetricSums()
         for j, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             last = j == len(micro) - 1
@@ -212,11 +285,11 @@ class Trainer:
                 # DDP averages gradients over processes, hence the world-size factor.
                 self.acc.backward(loss * (self.world / global_units))
             loss_sum += float(loss.detach())
-            for k, v in metrics.items():
-                metric_sums[k] = metric_sums.get(k, 0.0) + float(v)
-        totals = self._global_sum([loss_sum, *metric_sums.values()])
+            metric_sums.add(metrics)
+        totals = self._global_sum([loss_sum, float(tokens), *metric_sums.flat()])
         step_loss = totals[0] / global_units
-        step_metrics = {k: v / global_units for k, v in zip(metric_sums, totals[1:])}
+        global_tokens = totals[1]
+        step_metrics = metric_sums.means(totals[2:], global_units)
         grad_norm = self._grad_norm()
         if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -234,16 +307,20 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.tokens += int(global_units)
+        self.state.tokens += int(global_tokens)
         w = self.state.window
         w["n"] = w.get("n", 0) + 1
-        w["loss"] = w.get("loss", 0.0) + step_loss
-        w["grad_norm"] = w.get("grad_norm", 0.0) + grad_norm
-        w["units"] = w.get("units", 0) + global_units
+        w["tokens"] = w.get("tokens", 0) + global_tokens
         w["time"] = w.get("time", 0.0) + time.perf_counter() - started
-        for k, v in step_metrics.items():
-            w[k] = w.get(k, 0.0) + v
+        # Each metric is averaged over the steps that had it (a subset metric may be absent from a step).
+        for k, v in {"loss": step_loss, "grad_norm": grad_norm, **step_metrics}.items():
+            total, n = w.get(k, (0.0, 0))
+            w[k] = (total + v, n + 1)
         return {}
+
+    def _tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        tokens = getattr(self.method, "tokens", None)
+        return tokens(batch) if tokens is not None else self.method.count(batch)
 
     def _grad_norm(self) -> float:
         if self.tcfg.max_grad_norm:
@@ -255,14 +332,17 @@ class Trainer:
         w, self.state.window = self.state.window, {}
         if not w.get("n"):
             return {}
-        n = w.pop("n")
-        rec = {k: w.pop(k) / n for k in ("loss", "grad_norm")}
-        units, elapsed = w.pop("units"), w.pop("time")
-        rec.update({k: v / n for k, v in w.items()})
+        w.pop("n")
+        tokens, elapsed = w.pop("tokens"), w.pop("time")
+        rec = self._finalize({k: total / n for k, (total, n) in w.items()})
         rec["lr"] = self.scheduler.get_last_lr()[0]
         rec["tokens"] = self.state.tokens
-        rec["tokens_per_sec"] = units / elapsed if elapsed > 0 else None
+        rec["tokens_per_sec"] = tokens / elapsed if elapsed > 0 else None
         return rec
+
+    def _finalize(self, metrics: dict) -> dict:
+        finalize = getattr(self.method, "finalize", None)
+        return finalize(metrics) if finalize is not None else metrics
 
     def _write_metrics(self, record: dict) -> None:
         step = self.state.step
@@ -279,19 +359,32 @@ class Trainer:
         lengths = self.eval_set.row_lengths()
         order = sorted(range(len(self.eval_set)), key=lambda i: -lengths[i])
         bs = self.tcfg.batch_size
-        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        mine = [order[i : i + bs] for i in range(0, len(order), bs)][self.acc.process_index :: self.world]
+        batches = [self.method.collate([self.eval_set.row(r) for r in idx]) for idx in mine]
+        prepare = getattr(self.method, "prepare_step", None)
+        if prepare is not None:
+            with self.acc.autocast():
+                prepare(model, batches, self._global_sum)
         loss_sum = units = 0.0
-        for idx in batches[self.acc.process_index :: self.world]:
-            batch = self.method.collate([self.eval_set.row(r) for r in idx])
+        metric_sums = _MetricSums()
+        for batch in batches:
             units += self.method.count(batch)
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             with self.acc.autocast():
-                loss, _ = self.method.loss(model, batch)
+                loss, metrics = self.method.loss(model, batch)
             loss_sum += float(loss)
-        loss_sum, units = self._global_sum([loss_sum, units])
+            metric_sums.add(metrics)
+        # Every process takes part in the reduction, even one with no eval batch of its own.
+        metric_sums.align(self.world)
+        totals = self._global_sum([loss_sum, units, *metric_sums.flat()])
         model.train(was_training)
-        eval_loss = loss_sum / max(units, 1)
-        return {"eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))}
+        eval_loss = totals[0] / max(totals[1], 1)
+        out = {"eval_loss": eval_loss}
+        if getattr(self.method, "perplexity", False):
+            out["eval_ppl"] = math.exp(min(eval_loss, 50.0))
+        means = self._finalize(metric_sums.means(totals[2:], totals[1]))
+        out.update({f"eval_{k}": v for k, v in means.items()})
+        return out
 
     def _track_best(self, eval_loss: float) -> bool:
         """Record an evaluation; save the best; True when early stopping says stop."""

@@ -16,7 +16,7 @@ from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models.checkpoint import is_peft, save_model
 from posttrain.trainers.supervised import SupervisedMethod
 
-METHODS = {"pretrain": SupervisedMethod, "sft": SupervisedMethod}
+SUPERVISED = ("pretrain", "sft")
 
 
 def _versions() -> dict:
@@ -56,6 +56,8 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     from accelerate.utils import set_seed
 
     from posttrain.data.dataset import build_datasets
+    from posttrain.data.pairs import check_feedback_balance
+    from posttrain.models.heads import load_reward_model
     from posttrain.data.templates import ChatEncoder, resolve_chat_template
     from posttrain.models.load import load_model, load_tokenizer
     from posttrain.trainers.loop import Trainer
@@ -73,7 +75,7 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     set_seed(cfg.training.seed)
 
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.method == "sft":
+    if cfg.method != "pretrain":
         resolve_chat_template(tokenizer, cfg.model.chat_template)
     with acc.main_process_first():
         train_set, eval_set, report, fingerprint = build_datasets(
@@ -83,8 +85,14 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     say(f"training rows: {len(train_set)} ({train_set.n_tokens} tokens)"
         + (f", eval rows: {len(eval_set)}" if eval_set is not None else ""))
 
-    model = load_model(cfg.model, cfg.tuning.mode)
-    model = apply_tuning(model, cfg.tuning)
+    if cfg.method == "kto":
+        check_feedback_balance(train_set)
+    if cfg.method == "reward":
+        model = load_reward_model(cfg.model, cfg.tuning.mode, tokenizer.pad_token_id)
+    else:
+        model = load_model(cfg.model, cfg.tuning.mode)
+    method = _method(cfg, acc, model, tokenizer, {"train": train_set, "eval": eval_set}, fingerprint, say)
+    model = apply_tuning(model, cfg.tuning, "SEQ_CLS" if cfg.method == "reward" else "CAUSAL_LM")
     trainable, total = count_parameters(model)
     say(f"tuning mode {cfg.tuning.mode}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
@@ -92,14 +100,14 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         "status": "running", "method": cfg.method, "seed": cfg.training.seed, "versions": _versions(),
         "data_fingerprint": fingerprint, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv, "trainable_params": trainable, "total_params": total,
-        "devices": acc.num_processes, "device_type": acc.device.type,
+        "devices": acc.num_processes, "device_type": acc.device.type, "reference": cfg.reference_mode(),
     }
     if acc.is_main_process:
         atomic_write_text(out / "config.yaml", dump_config(cfg))
         atomic_write_text(out / "data_report.json", report.to_json())
         _write_run_json(out, info)
 
-    trainer = Trainer(cfg, acc, model, tokenizer, METHODS[cfg.method](tokenizer.pad_token_id), train_set, eval_set, log=say)
+    trainer = Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=say)
     try:
         result = trainer.fit(resume=resume)
     except BaseException as exc:
@@ -114,7 +122,10 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     final = out / "final"
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(trainer.model)
-        if cfg.method == "sft":
+        if cfg.method == "reward" and is_peft(unwrapped):
+            # A standalone reward model loads with AutoModelForSequenceClassification; an adapter would not.
+            unwrapped = unwrapped.merge_and_unload()
+        elif cfg.method != "pretrain":
             _set_end_of_turn(unwrapped, tokenizer, ChatEncoder(tokenizer).end_of_turn_id)
         with atomic_dir(final) as tmp:
             save_model(unwrapped, tokenizer, tmp)
@@ -126,6 +137,39 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         _write_run_json(out, info)
     acc.wait_for_everyone()
     return final
+
+
+def _method(cfg: RunConfig, acc, model, tokenizer, sets: dict, data_fingerprint: str, say):
+    """The method plug-in for the loop, holding DPO's and KTO's reference when it is scored live.
+
+    A precomputed reference is scored here, with the starting model, before any tuning transform.
+    """
+    from posttrain.data.dataset import cache_folder
+    from posttrain.trainers.preference import make_method
+    from posttrain.trainers.reference import Reference, attach_precomputed
+
+    if cfg.method in SUPERVISED:
+        return SupervisedMethod(tokenizer.pad_token_id)
+    mode = cfg.reference_mode()
+    reference = None
+    if mode == "live":
+        from posttrain.models.load import load_model
+
+        ref_model = load_model(cfg.model, cfg.tuning.mode).to(acc.device).eval().requires_grad_(False)
+        reference = Reference("live", ref_model)
+    elif mode == "adapters_off":
+        reference = Reference("adapters_off")
+    method = make_method(cfg, tokenizer.pad_token_id, reference)
+    if mode == "precomputed":
+        settings = f"{cfg.training.mixed_precision}|{cfg.model.attn_implementation}|{acc.device.type}"
+        with acc.main_process_first():
+            attach_precomputed(
+                sets, method, model, cache_folder(cfg.data, data_fingerprint), settings=settings,
+                batch_size=cfg.preference.reference_batch_size or 2 * cfg.training.batch_size,
+                device=acc.device, autocast=acc.autocast,
+                progress=cfg.training.progress_bar and acc.is_main_process, log=say,
+            )
+    return method
 
 
 def _set_end_of_turn(model, tokenizer, eot_id: int | None) -> None:

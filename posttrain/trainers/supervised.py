@@ -11,6 +11,8 @@ from posttrain.losses.nll import nll_sum
 class SupervisedMethod:
     """Batches of token rows; loss units are trained tokens."""
 
+    perplexity = True
+
     def __init__(self, pad_id: int):
         self.pad_id = pad_id
 

@@ -11,8 +11,16 @@ from posttrain.tuning.lora import apply_lora
 TRANSFORMS = {"full": apply_full, "freeze": apply_freeze, "lora": apply_lora, "bitfit": apply_bitfit}
 
 
-def apply_tuning(model, cfg: TuningConfig):
-    return TRANSFORMS[cfg.mode](model, cfg)
+def apply_tuning(model, cfg: TuningConfig, task_type: str = "CAUSAL_LM"):
+    """``task_type``: "CAUSAL_LM", or "SEQ_CLS" for a reward model (its new head is always trained)."""
+    if cfg.mode == "lora":
+        return apply_lora(model, cfg, task_type)
+    model = TRANSFORMS[cfg.mode](model, cfg)
+    if task_type == "SEQ_CLS":
+        from posttrain.models.heads import train_head
+
+        train_head(model)
+    return model
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -8,12 +8,20 @@ from pathlib import Path
 
 from posttrain.io import atomic_write_text
 from posttrain.data.synthetic.corpus import make_domain_corpus, make_general_corpus, tokenizer_corpus
-from posttrain.data.synthetic.tasks import TASKS, make_task_rows, split_train_test
+from posttrain.data.synthetic.tasks import (
+    TASKS,
+    make_feedback_rows,
+    make_preference_rows,
+    make_task_rows,
+    split_train_test,
+)
 
 __all__ = [
     "TASKS",
     "make_domain_corpus",
+    "make_feedback_rows",
     "make_general_corpus",
+    "make_preference_rows",
     "make_task_rows",
     "split_train_test",
     "tokenizer_corpus",

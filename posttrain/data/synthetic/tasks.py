@@ -59,6 +59,51 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 FORMATS = ("messages", "alpaca")
 
 
+def _swap_two(text: str, rng: random.Random) -> str:
+    i = rng.randrange(len(text) - 1)
+    swapped = text[:i] + text[i + 1] + text[i] + text[i + 2 :]
+    return swapped if swapped != text else text[::-1]
+
+
+# Near misses, so a preference between the right and the wrong answer is about correctness, not form.
+WRONG: dict[str, Callable[[str, random.Random], str]] = {
+    "add": lambda ans, rng: str(int(ans) + rng.choice([-10, -2, -1, 1, 2, 10])),
+    "reverse": lambda ans, rng: ans[::-1] if rng.random() < 0.5 else _swap_two(ans, rng),
+    "upper": lambda ans, rng: ans.lower() if rng.random() < 0.5 else ans.title(),
+    "count": lambda ans, rng: str(int(ans) + 1 if int(ans) == 0 or rng.random() < 0.5 else int(ans) - 1),
+}
+
+
+def wrong_answer(task: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer to a task item (never the right one)."""
+    wrong = WRONG[task](answer, rng)
+    return wrong if wrong != answer else answer + "!"
+
+
+def make_preference_rows(n: int, seed: int, tasks: Sequence[str] = ("add", "reverse", "upper", "count")) -> list[dict]:
+    """``n`` preference rows: {"prompt", "chosen": right answer, "rejected": near miss, "task", "answer"}."""
+    rng = random.Random(f"{seed}-wrong")
+    rows = []
+    for row in make_task_rows(n, seed, tasks):
+        prompt = row["messages"][0]["content"]
+        wrong = wrong_answer(row["task"], row["answer"], rng)
+        rows.append({"prompt": prompt, "chosen": row["answer"], "rejected": wrong, "task": row["task"],
+                     "answer": row["answer"], "reject_reason": "wrong answer"})
+    return rows
+
+
+def make_feedback_rows(n: int, seed: int, tasks: Sequence[str] = ("add", "reverse", "upper", "count")) -> list[dict]:
+    """``n`` KTO rows: {"prompt", "completion", "label"}, alternately a right (True) and a wrong (False) answer."""
+    rng = random.Random(f"{seed}-wrong")
+    rows = []
+    for i, row in enumerate(make_task_rows(n, seed, tasks)):
+        good = (i // len(tasks)) % 2 == 0  # alternate per cycle of tasks, so no task is always one label
+        completion = row["answer"] if good else wrong_answer(row["task"], row["answer"], rng)
+        rows.append({"prompt": row["messages"][0]["content"], "completion": completion, "label": good,
+                     "task": row["task"], "answer": row["answer"]})
+    return rows
+
+
 def make_task_rows(
     n: int,
     seed: int,

@@ -1,0 +1,136 @@
+"""The reference policy of DPO and KTO: where its log-probs come from.
+
+Three ways, one result (``tests/invariants/test_reference.py`` checks they agree):
+
+- ``adapters_off`` (LoRA runs): the policy itself with its adapters disabled; no second model.
+- ``precomputed`` (default for full, freeze, BitFit): the starting model scores every
+  training and eval sequence once before training; the log-probs are cached on disk,
+  keyed by the data fingerprint and a hash of the model's weights, so no second model is
+  held in memory and a rerun on the same data and model skips the pass.
+- ``live``: a frozen copy of the starting model, scored alongside the policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from posttrain.io import atomic_write_bytes
+from posttrain.models.checkpoint import is_peft
+from posttrain.models.logprobs import sequence_logps
+
+
+def forward_inputs(batch: dict, prefix: str = "") -> dict:
+    keys = ("input_ids", "attention_mask", "position_ids")
+    return {k: batch[prefix + k] for k in keys if prefix + k in batch}
+
+
+def _unwrap(model):
+    from accelerate.utils import extract_model_from_parallel
+
+    return extract_model_from_parallel(model)
+
+
+class Reference:
+    """Scores sequences with the reference policy: a frozen model, or the policy with adapters off."""
+
+    def __init__(self, mode: str, model=None):
+        if mode not in ("live", "adapters_off"):
+            raise ValueError(f"a Reference scores live; mode {mode!r} is handled by precomputing")
+        self.mode = mode
+        self.model = model
+
+    @torch.no_grad()
+    def logps(self, policy, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        model = self.model if self.mode == "live" else _unwrap(policy)
+        ctx = model.disable_adapter() if self.mode == "adapters_off" else contextlib.nullcontext()
+        was_training = model.training
+        model.eval()  # the reference is the model without dropout
+        try:
+            with ctx:
+                logits = model(**inputs, use_cache=False).logits
+        finally:
+            model.train(was_training)
+        return sequence_logps(logits, labels)[0]
+
+
+def scorer(model):
+    """A reference-logps function for precomputing: ``model`` as it is now, frozen."""
+
+    @torch.no_grad()
+    def score(inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        return sequence_logps(model(**inputs, use_cache=False).logits, labels)[0]
+
+    return score
+
+
+def weights_fingerprint(model) -> str:
+    """A hash of the model's weights and dtypes as loaded: any change to them means new reference log-probs."""
+    h = hashlib.sha256()
+    base = model.get_base_model() if is_peft(model) else model
+    for name, tensor in sorted(base.state_dict().items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:20]
+
+
+@torch.no_grad()
+def compute_reference(method, dataset, score, batch_size: int, device, autocast, progress: bool) -> np.ndarray:
+    """(len(dataset), 2) reference log-probs, in batches sorted by length to pad little."""
+    lengths = dataset.row_lengths()
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    out = np.zeros((len(dataset), 2), dtype=np.float32)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(batches), desc="reference log-probs", unit="batch", dynamic_ncols=True)
+    for idx in batches:
+        batch = method.collate([dataset.row(r) for r in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            cols = method.reference_logps(score, batch)
+        out[idx] = cols.float().cpu().numpy()
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def attach_precomputed(
+    sets: dict, method, model, cache: Path, *, settings: str, batch_size: int, device, autocast, progress: bool, log
+) -> None:
+    """Give each dataset in ``sets`` ({"train": set, "eval": set or None}) its reference log-probs.
+
+    Computed with ``model`` (the starting policy) unless the cache holds them for these weights
+    and ``settings`` (whatever else changes the numbers: mixed precision, attention kernel).
+    """
+    key = hashlib.sha256(f"{weights_fingerprint(model)}|{settings}".encode()).hexdigest()[:20]
+    path = cache / f"reference-{key}.npz"
+    if path.is_file():
+        z = np.load(path)
+        for name, ds in sets.items():
+            if ds is not None:
+                ds.ref = z[name]
+        log(f"reference log-probs loaded from cache {path}")
+        return
+    model.to(device)
+    score = scorer(model)
+    was_training = model.training
+    model.eval()
+    arrays = {}
+    for name, ds in sets.items():
+        if ds is not None:
+            ds.ref = arrays[name] = compute_reference(method, ds, score, batch_size, device, autocast, progress)
+    model.train(was_training)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    log(f"reference log-probs computed once and cached in {path}")
