@@ -7,6 +7,7 @@ import os
 import sys
 
 from posttrain import __version__
+from posttrain.data.formats import FORMATS
 from posttrain.errors import PosttrainError
 
 
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="validate data files and print a row-level report")
     dc.add_argument("files", nargs="+")
-    dc.add_argument("--format", required=True, choices=["text", "alpaca", "messages"])
+    dc.add_argument("--format", required=True, choices=FORMATS)
     dc.add_argument("--max-drop-fraction", type=float, default=1.0,
                     help="exit non-zero when more than this fraction of rows is bad (default: only when none is usable)")
     dc.set_defaults(func=_data_check)

@@ -5,6 +5,9 @@ Formats:
 - ``alpaca``: {"instruction", "input"?, "output", "system"?, "history"?: [[user, assistant], ...]}.
 - ``messages``: {"messages": [{"role", "content"}, ...]} (OpenAI style), or ShareGPT's
   {"conversations": [{"from", "value"}, ...]} mapped through a role map.
+- ``preference``: {"prompt", "chosen", "rejected", ...}, a prompt with a better and a worse
+  response; and ``feedback``: {"prompt", "completion", "label"}, one response labelled
+  desirable or not (KTO). Both live in ``preference.py``, built on this module's parsers.
 
 ``normalise`` collects every problem in a row instead of stopping at the first, so a
 user fixing a file sees all of a row's faults in one pass. The ``reason`` of each
@@ -15,11 +18,15 @@ specifics go into ``detail``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from posttrain.data.report import RowIssue
 from posttrain.errors import PosttrainError
 
-FORMATS = ("text", "alpaca", "messages")
+if TYPE_CHECKING:
+    from posttrain.data.preference import FeedbackExample, PreferenceExample
+
+FORMATS = ("text", "alpaca", "messages", "preference", "feedback")
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT exports name speakers after the tool that produced them; these are the common names.
 DEFAULT_ROLE_MAP: dict[str, str] = {
@@ -36,7 +43,7 @@ DEFAULT_ROLE_MAP: dict[str, str] = {
 }
 # Chat templates need these for tool use; other keys are dropped so every template sees one schema.
 PASSTHROUGH_KEYS = ("name", "tool_calls", "tool_call_id")
-_OPENAI_ROLES = {role: role for role in ROLES}
+OPENAI_ROLES = {role: role for role in ROLES}
 
 
 @dataclass
@@ -68,16 +75,25 @@ def check_config(fmt: str, role_map: dict[str, str] | None = None) -> None:
 
 def normalise(
     row: dict, fmt: str, *, file: str, row_no: int, role_map: dict[str, str] | None = None
-) -> Example | list[RowIssue]:
-    """Return the row as an Example, or every issue found in it (at least one).
+) -> Example | PreferenceExample | FeedbackExample | list[RowIssue]:
+    """Return the row as an example, or every issue found in it (at least one).
 
-    ``role_map`` (ShareGPT "from" -> role) replaces ``DEFAULT_ROLE_MAP`` when given.
+    The example is a ``PreferenceExample`` for format "preference", a ``FeedbackExample``
+    for "feedback", and an ``Example`` otherwise. ``role_map`` (ShareGPT "from" -> role)
+    replaces ``DEFAULT_ROLE_MAP`` when given; preference and feedback rows hold OpenAI-style
+    messages only, so it does not apply to them.
     """
     check_config(fmt, role_map)
-    issues = _Issues(file, row_no)
+    issues = Issues(file, row_no)
     if not isinstance(row, dict):
         issues.add("", "row is not an object", f"got {json_type(row)}")
         return issues.found
+    if fmt in ("preference", "feedback"):
+        # Imported here: preference.py builds on this module's parsers, so it imports this module.
+        from posttrain.data.preference import normalise_feedback, normalise_preference
+
+        schema = normalise_preference if fmt == "preference" else normalise_feedback
+        return schema(row, file=file, row_no=row_no)
     if fmt == "text":
         example = Example(file, row_no, text=_text(row, issues))
     elif fmt == "alpaca":
@@ -89,7 +105,9 @@ def normalise(
 
 
 @dataclass
-class _Issues:
+class Issues:
+    """Collects every issue of one row, each with the row's file and number."""
+
     file: str
     row: int
     found: list[RowIssue] = field(default_factory=list)
@@ -98,7 +116,7 @@ class _Issues:
         self.found.append(RowIssue(self.file, self.row, where, reason, detail))
 
 
-def _string(issues: _Issues, value: object, where: str, *, required: bool, expected: str = "string") -> str | None:
+def parse_string(issues: Issues, value: object, where: str, *, required: bool, expected: str = "string") -> str | None:
     """The value if it is a string; otherwise record why not and return None (null counts as missing)."""
     if value is None:
         if required:
@@ -110,22 +128,23 @@ def _string(issues: _Issues, value: object, where: str, *, required: bool, expec
     return value
 
 
-def _check_not_empty(issues: _Issues, role: str, content: str, where: str) -> None:
+def check_not_empty(issues: Issues, role: str, content: str, where: str) -> None:
+    """Record blank content: "empty response" for an assistant turn, "empty message" otherwise."""
     # An empty response teaches the model to say nothing, so it gets its own category.
     if not content.strip():
         issues.add(where, "empty response" if role == "assistant" else "empty message")
 
 
-def _text(row: dict, issues: _Issues) -> str | None:
-    text = _string(issues, row.get("text"), "text", required=True)
+def _text(row: dict, issues: Issues) -> str | None:
+    text = parse_string(issues, row.get("text"), "text", required=True)
     if text is not None and not text.strip():
         issues.add("text", "empty text")
     return text
 
 
-def _alpaca(row: dict, issues: _Issues) -> list[dict]:
+def _alpaca(row: dict, issues: Issues) -> list[dict]:
     messages = []
-    system = _string(issues, row.get("system"), "system", required=False)
+    system = parse_string(issues, row.get("system"), "system", required=False)
     # Many alpaca datasets carry "system": "" to mean "no system prompt", so an empty one is not an issue.
     if system and system.strip():
         messages.append({"role": "system", "content": system})
@@ -139,27 +158,27 @@ def _alpaca(row: dict, issues: _Issues) -> list[dict]:
             issues.add(f"history[{i}]", "wrong type", f"expected a [user, assistant] pair, got {got}")
             continue
         for role, value, where in (("user", pair[0], f"history[{i}][0]"), ("assistant", pair[1], f"history[{i}][1]")):
-            content = _string(issues, value, where, required=True)
+            content = parse_string(issues, value, where, required=True)
             if content is not None:
-                _check_not_empty(issues, role, content, where)
+                check_not_empty(issues, role, content, where)
                 messages.append({"role": role, "content": content})
 
-    instruction = _string(issues, row.get("instruction"), "instruction", required=True)
-    extra_input = _string(issues, row.get("input"), "input", required=False)
-    output = _string(issues, row.get("output"), "output", required=True)
+    instruction = parse_string(issues, row.get("instruction"), "instruction", required=True)
+    extra_input = parse_string(issues, row.get("input"), "input", required=False)
+    output = parse_string(issues, row.get("output"), "output", required=True)
     if instruction is not None:
-        _check_not_empty(issues, "user", instruction, "instruction")
+        check_not_empty(issues, "user", instruction, "instruction")
         prompt = f"{instruction}\n\n{extra_input}" if extra_input and extra_input.strip() else instruction
         messages.append({"role": "user", "content": prompt})
     if output is not None:
-        _check_not_empty(issues, "assistant", output, "output")
+        check_not_empty(issues, "assistant", output, "output")
         messages.append({"role": "assistant", "content": output})
     return messages
 
 
-def _conversation(row: dict, issues: _Issues, role_map: dict[str, str]) -> list[dict] | None:
+def _conversation(row: dict, issues: Issues, role_map: dict[str, str]) -> list[dict] | None:
     if row.get("messages") is not None:
-        key, role_key, content_key, lookup = "messages", "role", "content", _OPENAI_ROLES
+        key, role_key, content_key, lookup = "messages", "role", "content", OPENAI_ROLES
     elif row.get("conversations") is not None:
         key, role_key, content_key, lookup = "conversations", "from", "value", role_map
     else:
@@ -173,7 +192,10 @@ def _conversation(row: dict, issues: _Issues, role_map: dict[str, str]) -> list[
         issues.add(key, "empty conversation")
         return None
 
-    messages = [_message(t, f"{key}[{i}]", role_key, content_key, lookup, issues) for i, t in enumerate(turns)]
+    messages = [
+        parse_message(t, f"{key}[{i}]", issues, role_key=role_key, content_key=content_key, roles=lookup)
+        for i, t in enumerate(turns)
+    ]
     # Order checks on a conversation with unreadable roles would only repeat the role issues.
     if any(m is None for m in messages):
         return None
@@ -188,38 +210,49 @@ def _conversation(row: dict, issues: _Issues, role_map: dict[str, str]) -> list[
     return messages
 
 
-def _message(
-    turn: object, where: str, role_key: str, content_key: str, lookup: dict[str, str], issues: _Issues
+def parse_message(
+    turn: object,
+    where: str,
+    issues: Issues,
+    *,
+    role_key: str = "role",
+    content_key: str = "content",
+    roles: dict[str, str] = OPENAI_ROLES,
 ) -> dict | None:
-    """One normalised message, or None when its role cannot be known."""
+    """One normalised message ({"role", "content", ...PASSTHROUGH_KEYS}), or None when its role cannot be known.
+
+    ``where`` is the message's field path; ``roles`` maps the names the data uses to ``ROLES``.
+    Problems with the content are recorded but still give a message, so checks on the
+    conversation's shape can go on.
+    """
     if not isinstance(turn, dict):
         issues.add(where, "wrong type", f"expected object, got {json_type(turn)}")
         return None
-    given = _string(issues, turn.get(role_key), f"{where}.{role_key}", required=True)
+    given = parse_string(issues, turn.get(role_key), f"{where}.{role_key}", required=True)
     if given is None:
         return None
-    role = lookup.get(given)
+    role = roles.get(given)
     if role is None:
-        issues.add(f"{where}.{role_key}", "unknown role", f"{given!r} is not one of: {', '.join(lookup)}")
+        issues.add(f"{where}.{role_key}", "unknown role", f"{given!r} is not one of: {', '.join(roles)}")
         return None
 
     extras = {k: turn[k] for k in PASSTHROUGH_KEYS if turn.get(k) is not None}
     for k in ("name", "tool_call_id"):
-        _string(issues, extras.get(k), f"{where}.{k}", required=False)
+        parse_string(issues, extras.get(k), f"{where}.{k}", required=False)
     if "tool_calls" in extras and not isinstance(extras["tool_calls"], list):
         issues.add(f"{where}.tool_calls", "wrong type", f"expected list, got {json_type(extras['tool_calls'])}")
     # An assistant turn that only calls tools legitimately has no text.
     calls_tools = role == "assistant" and bool(extras.get("tool_calls"))
     content = _content(turn.get(content_key), f"{where}.{content_key}", issues, required=not calls_tools)
     if content is not None and not calls_tools:
-        _check_not_empty(issues, role, content, f"{where}.{content_key}")
+        check_not_empty(issues, role, content, f"{where}.{content_key}")
     return {"role": role, "content": content or "", **extras}
 
 
-def _content(value: object, where: str, issues: _Issues, *, required: bool) -> str | None:
+def _content(value: object, where: str, issues: Issues, *, required: bool) -> str | None:
     """Content as one string; OpenAI-style lists of text parts are joined."""
     if not isinstance(value, list):
-        return _string(issues, value, where, required=required, expected="string or list of text parts")
+        return parse_string(issues, value, where, required=required, expected="string or list of text parts")
     texts = []
     for j, part in enumerate(value):
         if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):

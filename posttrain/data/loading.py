@@ -18,7 +18,11 @@ from posttrain.data.report import RowIssue
 from posttrain.errors import PosttrainError
 
 # CSV cannot nest, so exporters store chat columns as JSON text in one cell.
-CSV_JSON_COLUMNS = ("messages", "conversations", "history")
+CSV_JSON_COLUMNS = ("messages", "conversations", "history", "score")
+# Columns that hold either plain text or a JSON list of messages: text that merely starts with "[" stays text.
+CSV_TEXT_OR_JSON_COLUMNS = ("prompt", "chosen", "rejected", "completion")
+# CSV has no numbers: these columns are read as numbers when they parse as one.
+CSV_NUMBER_COLUMNS = ("score_chosen", "score_rejected")
 # Long documents easily exceed the csv module's default cell limit of 128 KiB;
 # 2**31 - 1 is the largest limit every platform's C long accepts.
 _CSV_FIELD_LIMIT = 2**31 - 1
@@ -126,6 +130,14 @@ def _csv_row(header: list[str], cells: list[str], label: str, row_no: int) -> di
             cell, error = _loads(cell)
             if error:
                 return RowIssue(label, row_no, name, "malformed JSON", error)
+        elif name in CSV_TEXT_OR_JSON_COLUMNS and cell.lstrip()[:1] in ("[", "{"):
+            parsed, error = _loads(cell)
+            cell = cell if error else parsed
+        elif name in CSV_NUMBER_COLUMNS:
+            try:
+                cell = float(cell)
+            except ValueError:
+                pass  # left as text: the row's validation names the field
         row[name] = cell
     return row
 

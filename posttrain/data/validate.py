@@ -11,13 +11,17 @@ from pathlib import Path
 
 from posttrain.data.formats import Example, check_config, normalise
 from posttrain.data.loading import read_rows
+from posttrain.data.preference import FeedbackExample, PreferenceExample
 from posttrain.data.report import DataReport, RowIssue
 
 
 def load_examples(
     path: str | Path, fmt: str, *, role_map: dict[str, str] | None = None, report: DataReport | None = None
-) -> tuple[list[Example], DataReport]:
+) -> tuple[list[Example] | list[PreferenceExample] | list[FeedbackExample], DataReport]:
     """Read and normalise every row of ``path``; return the kept examples in file order and the report.
+
+    The examples are ``PreferenceExample``s for format "preference", ``FeedbackExample``s for
+    "feedback", and ``Example``s otherwise.
 
     Pass ``report`` to accumulate several files into one report. Deciding whether too
     much was dropped is the caller's job (``DataReport.check``).
@@ -33,11 +37,11 @@ def load_examples(
             report.drop(row)
             continue
         result = normalise(row, fmt, file=file, row_no=row_no, role_map=role_map)
-        if isinstance(result, Example):
+        if isinstance(result, list):
+            report.drop(_one_issue(result))
+        else:
             report.kept(file)
             examples.append(result)
-        else:
-            report.drop(_one_issue(result))
     return examples, report
 
 
