@@ -51,6 +51,19 @@ def _data_preview(args) -> None:
     print(preview(cfg, n=args.n, color=args.color or (args.color is None and sys.stdout.isatty())))
 
 
+def _score(args) -> None:
+    from posttrain.eval.reward_score import score_file
+
+    out = args.out or str(args.data).rsplit(".", 1)[0] + ".scored.jsonl"
+    summary = score_file(args.model, args.data, out, batch_size=args.batch_size)
+    parts = [f"scored {summary.rows_scored} rows -> {out}"]
+    if summary.mean_score is not None:
+        parts.append(f"mean score {summary.mean_score:.4f}")
+    if summary.pair_accuracy is not None:
+        parts.append(f"pairs {summary.pairs}, chosen scored higher in {summary.pair_accuracy:.1%}")
+    print("; ".join(parts))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     p.add_argument("--version", action="version", version=f"posttrain {__version__}")
@@ -69,12 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     t.set_defaults(func=_tiny_model)
 
-    tr = sub.add_parser("train", help="run one training stage (method: pretrain or sft)")
+    tr = sub.add_parser(
+        "train", help="run one training stage (method: pretrain, sft, reward, dpo, kto, simpo or orpo)"
+    )
     tr.add_argument("config", help="YAML config file")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
     tr.add_argument("--resume", action="store_true", help="continue from the last checkpoint in output_dir")
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     tr.set_defaults(func=_train)
+
+    sc = sub.add_parser("score", help="score rows with a reward model (a final/ folder of method: reward)")
+    sc.add_argument("model", help="reward model folder")
+    sc.add_argument("data", help="rows: {prompt, chosen, rejected}, {prompt, completion|response} or {messages}")
+    sc.add_argument("--out", help="output JSONL (default: DATA with .scored.jsonl)")
+    sc.add_argument("--batch-size", type=int, default=16)
+    sc.set_defaults(func=_score)
 
     d = sub.add_parser("data", help="inspect training data")
     dsub = d.add_subparsers(dest="data_command", required=True)
