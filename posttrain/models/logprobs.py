@@ -1,0 +1,85 @@
+"""Log-probabilities of the labelled tokens under a causal LM, per token and summed per sequence."""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from posttrain.losses.nll import IGNORE_INDEX
+
+# Elements of logits upcast at a time (64 MiB of float32), whatever the vocabulary size.
+_CHUNK_ELEMENTS = 2**24
+
+
+class _TargetLogps(torch.autograd.Function):
+    """log softmax(logits[n])[targets[n]] for (N, V) logits and (N,) targets, at float32 or wider.
+
+    Written by hand because autograd through ``logits.float().log_softmax(-1)`` keeps an (N, V)
+    float32 copy alive until backward: twice the bf16 logits themselves (8 GiB for 8 x 2048
+    tokens and a 128k vocabulary). Here only one chunk of rows is upcast at a time in either
+    pass; backward rebuilds the softmax from the saved logits and their log-normaliser.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        rows = max(1, _CHUNK_ELEMENTS // logits.size(-1))
+        log_norm = torch.empty(logits.size(0), dtype=dtype, device=logits.device)
+        for start in range(0, logits.size(0), rows):
+            log_norm[start : start + rows] = torch.logsumexp(logits[start : start + rows].to(dtype), dim=-1)
+        picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).to(dtype)
+        ctx.save_for_backward(logits, targets, log_norm)
+        return picked - log_norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits, targets, log_norm = ctx.saved_tensors
+        # d log p_target / d logit_j = 1[j == target] - softmax_j
+        grad_logits = torch.empty_like(logits)
+        rows = max(1, _CHUNK_ELEMENTS // logits.size(-1))
+        for start in range(0, logits.size(0), rows):
+            end = start + rows
+            g = grad_out[start:end].unsqueeze(-1)
+            chunk = torch.exp(logits[start:end].to(log_norm.dtype) - log_norm[start:end].unsqueeze(-1)).mul_(-g)
+            chunk.scatter_add_(-1, targets[start:end].unsqueeze(-1), g)
+            grad_logits[start:end] = chunk
+        return grad_logits, None
+
+
+def per_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels[t+1] | tokens <= t) for every position, 0 where the label is IGNORE_INDEX.
+
+    The token log-likelihoods of a causal LM (Radford et al. 2018, eq. 1), shifted exactly like
+    ``nll_sum``: position t's logits score labels[t + 1]. Computed at float32 whatever the
+    logits dtype, one chunk of rows at a time (see ``_TargetLogps``); differentiable.
+
+    logits: (B, T, V); labels: (B, T) aligned with the inputs, IGNORE_INDEX = not scored.
+    Returns (B, T - 1) float32 (float64 for float64 logits).
+    """
+    if logits.dim() != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"logits must be (B, T, V) and labels (B, T); "
+            f"got logits {tuple(logits.shape)}, labels {tuple(labels.shape)}"
+        )
+    batch, length, vocab = logits.shape
+    # Shift the labels rather than the logits: logits[:, :-1] cannot be flattened to rows without
+    # a copy of the whole tensor, while one extra (ignored) position per row costs nothing.
+    targets = torch.cat([labels[:, 1:], labels.new_full((batch, 1), IGNORE_INDEX)], dim=1).long()
+    scored = targets != IGNORE_INDEX
+    logps = _TargetLogps.apply(logits.reshape(batch * length, vocab), targets.clamp(min=0).reshape(-1))
+    logps = torch.where(scored, logps.view(batch, length), 0.0)
+    return logps[:, :-1]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log π(y | x) = Σ_t log p(labels[t+1] | tokens <= t) over the scored positions of each row.
+
+    The sequence log-probability that DPO, SimPO, ORPO, KTO and their references compare
+    (e.g. Rafailov et al. 2023, eq. 7); SimPO and ORPO divide it by ``n_tokens``.
+
+    logits: (B, T, V); labels: (B, T) aligned with the inputs (shifted here), IGNORE_INDEX = not scored.
+    Returns (logp_sum: (B,) float32, n_tokens: (B,) int64).
+    """
+    logps = per_token_logps(logits, labels)
+    return logps.sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
