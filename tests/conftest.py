@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from posttrain.config import load_config
-from posttrain.data.synthetic import make_domain_corpus, make_task_rows, split_train_test, write_jsonl
+from posttrain.data.synthetic import (
+    make_domain_corpus,
+    make_feedback_rows,
+    make_preference_rows,
+    make_task_rows,
+    split_train_test,
+    write_jsonl,
+)
 from posttrain.models.tiny import build_tiny_model
 
 
@@ -46,6 +53,40 @@ def task_data(tmp_path_factory) -> dict[str, Path]:
 def domain_data(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("domain")
     return write_jsonl([{"text": t} for t in make_domain_corpus(400, seed=0)], folder / "corpus.jsonl")
+
+
+@pytest.fixture(scope="session")
+def preference_data(tmp_path_factory) -> dict[str, Path]:
+    """Pairs whose chosen answer is right and rejected a near miss; feedback rows likewise; held-out pairs."""
+    folder = tmp_path_factory.mktemp("preference")
+    return {
+        "train": write_jsonl(make_preference_rows(400, seed=1), folder / "pairs.jsonl"),
+        "eval": write_jsonl(make_preference_rows(80, seed=2), folder / "pairs_eval.jsonl"),
+        "feedback": write_jsonl(make_feedback_rows(400, seed=1), folder / "feedback.jsonl"),
+    }
+
+
+@pytest.fixture(scope="session")
+def sft_model(tmp_path_factory, tiny_model, task_data) -> Path:
+    """The tiny model after a short SFT on the synthetic tasks: the start of every preference stage."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    cfg = base_config(
+        tiny_model, task_data["train"], out, data={"packing": True},
+        training={"max_steps": 40, "learning_rate": 3e-3, "warmup_steps": 10, "logging_steps": 40},
+    )
+    return run(cfg)
+
+
+def preference_config(model: Path, pdata: dict[str, Path], out: Path, method: str, **sections) -> dict:
+    """A preference stage on ``data`` (the preference_data fixture): KTO trains on the feedback rows."""
+    train = {"path": str(pdata["feedback"]), "format": "feedback"} if method == "kto" else {
+        "path": str(pdata["train"]), "format": "preference"}
+    raw = base_config(
+        model, pdata["train"], out, method=method,
+        data={"train": [train], "eval": [{"path": str(pdata["eval"]), "format": "preference"}]},
+        training={"max_steps": 60, "learning_rate": 2e-3, "logging_steps": 10, "eval_steps": 60},
+    )
+    return _merge(raw, sections)
 
 
 def base_config(model: Path, train: Path, out: Path, **sections) -> dict:

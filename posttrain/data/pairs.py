@@ -200,13 +200,13 @@ class PairEncoder:
 
     def __call__(self, ex) -> list:
         if isinstance(ex, PreferenceExample):
-            self._note(ex)
             chosen = self._response(ex, ex.prompt, ex.chosen, "chosen")
             if isinstance(chosen, str):
                 return []
             rejected = self._response(ex, ex.prompt, ex.rejected, "rejected")
             if isinstance(rejected, str):
                 return []
+            self._note(ex)
             if self.method in FEEDBACK_METHODS:  # KTO on pairs: one desirable and one undesirable example
                 return [_Feedback(chosen, chosen.spans[0][0], True), _Feedback(rejected, rejected.spans[0][0], False)]
             margin = (
