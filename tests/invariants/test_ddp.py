@@ -45,3 +45,22 @@ def test_two_processes_equal_one(tmp_path, tiny_model, task_data):
     wb = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_two_processes_equal_one_for_preference(tmp_path, sft_model, preference_data, method):
+    """Reference log-probs precomputed by one rank for all; KTO's reference point summed over both ranks."""
+    from tests.conftest import metrics, preference_config
+
+    training = {"max_steps": 4, "batch_size": 4, "eval_steps": 4, "logging_steps": 1}
+    two = preference_config(sft_model, preference_data, tmp_path / "two", method, training=training)
+    one = preference_config(sft_model, preference_data, tmp_path / "one", method,
+                            training={**training, "gradient_accumulation_steps": 2})
+    _train(two, tmp_path / "two.yaml", nproc=2)
+    _train(one, tmp_path / "one.yaml", nproc=1)
+    a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
+    assert len(a) == 4 and a == pytest.approx(b, rel=1e-5)
+    ea, eb = metrics(tmp_path / "two")[-1], metrics(tmp_path / "one")[-1]
+    for key in ("eval_loss", "eval_rewards/margin", "eval_rewards/accuracy"):
+        assert ea[key] == pytest.approx(eb[key], rel=1e-4, abs=1e-6), key
