@@ -44,7 +44,7 @@ def test_reference_free_methods_raise_heldout_margin(tmp_path, sft_model, prefer
     assert json.loads((out / "run.json").read_text())["reference"] is None
 
 
-def test_reward_model_ranks_heldout_pairs_and_loads_as_a_classifier(tmp_path, sft_model, preference_data):
+def test_reward_model_ranks_heldout_pairs_and_loads_as_a_classifier(tmp_path, sft_model, preference_data, capsys):
     from transformers import AutoModelForSequenceClassification
 
     from posttrain.eval.reward_score import score_file
@@ -62,6 +62,17 @@ def test_reward_model_ranks_heldout_pairs_and_loads_as_a_classifier(tmp_path, sf
     assert summary.pair_accuracy == pytest.approx(last["eval_rewards/accuracy"], abs=1e-9)
     rows = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
     assert all(isinstance(r["score_chosen"], float) and "prompt" in r for r in rows)
+
+    from posttrain.cli import main
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "What is 2 + 2?", "completion": "4"}\n{"prompt": "x"}\n'
+                     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+    assert main(["score", str(final), str(mixed)]) == 0
+    out = capsys.readouterr().out
+    assert "scored 2 rows" in out and "mixed.jsonl:2 field 'completion': missing field" in out
+    scored = [json.loads(x) for x in (tmp_path / "mixed.scored.jsonl").read_text().splitlines()]
+    assert [sorted(r) for r in scored] == [["completion", "prompt", "score"], ["messages", "score"]]
 
 
 def test_reward_margin_from_score_changes_the_loss(tmp_path, sft_model, preference_data):
