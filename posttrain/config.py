@@ -279,7 +279,8 @@ def _format_errors(exc: ValidationError, source: str) -> str:
         else:
             allowed = " or ".join(dict.fromkeys(_describe_allowed(e) for e in errs))
             shown = "" if isinstance(given, dict) else f"given {given!r}; "
-            lines.append(f"  {loc}: {shown}{allowed}")
+            # A check across sections has no single field; its message names the fields itself.
+            lines.append(f"  {loc}: {shown}{allowed}" if loc else f"  {allowed}")
     return "\n".join(lines)
 
 
