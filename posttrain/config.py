@@ -64,7 +64,7 @@ class TuningConfig(_Section):
 
 class DataSource(_Section):
     path: Name
-    format: Literal["text", "alpaca", "messages", "preference", "feedback"] = "messages"
+    format: Literal["text", "alpaca", "messages", "preference", "feedback", "prompt"] = "messages"
     weight: float = Field(1.0, gt=0, description="sampling weight: 2.0 repeats the file twice, 0.5 takes half")
     role_map: dict[str, str] | None = Field(None, description="ShareGPT 'from' value -> role")
 
@@ -171,6 +171,9 @@ class PreferenceConfig(_Section):
         "live holds a frozen copy of the starting model",
     )
     reference_batch_size: int | None = Field(None, ge=1, description="batch for precomputing; default 2x batch_size")
+    disable_dropout: bool = Field(
+        True, description="turn dropout off in the policy (also for the online methods), as the reference has none"
+    )
     dpo: DpoConfig = Field(default_factory=DpoConfig)
     kto: KtoConfig = Field(default_factory=KtoConfig)
     simpo: SimpoConfig = Field(default_factory=SimpoConfig)
@@ -178,25 +181,81 @@ class PreferenceConfig(_Section):
     reward: RewardConfig = Field(default_factory=RewardConfig)
 
 
-METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo")
-REFERENCE_METHODS = ("dpo", "kto")
+class GenerationConfig(_Section):
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="auto: vLLM when it is installed and a GPU is present, else transformers"
+    )
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(64, ge=1, description="prompts per generate call")
+
+
+class GrpoConfig(_Section):
+    group_size: int = Field(8, ge=2, description="samples per prompt")
+    scale_by_std: bool = Field(True, description="false: Dr. GRPO (advantages not divided by the group's std)")
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.2, ge=0, description="DAPO's clip-higher uses e.g. 0.28")
+    loss_aggregation: Literal["token", "sequence", "fixed"] = Field(
+        "token", description="token: mean over all tokens (DAPO); sequence: per-sequence mean (GRPO); "
+        "fixed: sum / (sequences x max_new_tokens) (Dr. GRPO)"
+    )
+    kl_coef: float = Field(0.0, ge=0, description="weight of the KL term to the reference in the loss")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    drop_equal_groups: bool = Field(False, description="leave out groups whose rewards are all equal (no signal)")
+    epochs: int = Field(1, ge=1, description="updates over each rollout batch (mu)")
+
+
+class RftConfig(_Section):
+    samples_per_prompt: int = Field(4, ge=1)
+    threshold: float | None = Field(None, description="keep samples with reward >= threshold")
+    best_of: bool = Field(True, description="keep only the best sample of each prompt (ties: the first)")
+    rounds: int = Field(2, ge=1)
+    steps_per_round: int = Field(20, ge=1)
+
+
+class OnlineDpoConfig(_Section):
+    samples_per_prompt: int = Field(2, ge=2, description="the best and the worst sample form the pair")
+    beta: float = Field(0.1, gt=0)
+    judge: dict | None = Field(
+        None, description="a pairwise LLM judge labels the pair instead of the rewards: {base_url, model, rubric}"
+    )
+
+
+class OnlineConfig(_Section):
+    rewards: list[dict] = Field(default_factory=list, description="e.g. [{type: exact_match, weight: 1.0}]")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
+    rft: RftConfig = Field(default_factory=RftConfig)
+    online_dpo: OnlineDpoConfig = Field(default_factory=OnlineDpoConfig)
+
+
+METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo")
+ONLINE_METHODS = ("grpo", "rft", "online_dpo")
+REFERENCE_METHODS = ("dpo", "kto", "online_dpo", "grpo")
 
 
 class RunConfig(_Section):
     model: ModelConfig
-    method: Literal["pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo"]
+    method: Literal["pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo"]
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    online: OnlineConfig = Field(default_factory=OnlineConfig)
     output_dir: Name
 
     @model_validator(mode="after")
     def _reference_fits(self) -> "RunConfig":
         ref = self.preference.reference
+        if self.method in ONLINE_METHODS:
+            if not self.online.rewards and not (self.method == "online_dpo" and self.online.online_dpo.judge):
+                raise ValueError(f"method {self.method} needs online.rewards (e.g. [{{type: exact_match}}])")
+            if ref == "precomputed":
+                raise ValueError("preference.reference=precomputed: online samples are new every step; use live")
         if ref == "auto":
             return self
-        if self.method not in REFERENCE_METHODS:
+        if self.method not in REFERENCE_METHODS or (self.method == "grpo" and self.online.grpo.kl_coef == 0):
             raise ValueError(
                 f"preference.reference={ref}: method {self.method} uses no reference model; leave it at auto"
             )
@@ -209,11 +268,14 @@ class RunConfig(_Section):
 
     def reference_mode(self) -> str | None:
         """How the reference log-probs are obtained, or None for methods that use none."""
-        if self.method not in REFERENCE_METHODS:
+        if self.method not in REFERENCE_METHODS or (self.method == "grpo" and self.online.grpo.kl_coef == 0):
             return None
         if self.preference.reference != "auto":
             return self.preference.reference
-        return "adapters_off" if self.tuning.mode == "lora" else "precomputed"
+        if self.tuning.mode == "lora":
+            return "adapters_off"
+        # Online samples are new every step, so their reference log-probs cannot be computed in advance.
+        return "live" if self.method in ONLINE_METHODS else "precomputed"
 
 
 def _describe_allowed(err: dict) -> str:

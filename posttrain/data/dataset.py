@@ -22,6 +22,7 @@ from posttrain.config import DataConfig, DataSource
 from posttrain.data.formats import Example
 from posttrain.data.packing import pack_best_fit
 from posttrain.data.pairs import FEEDBACK_METHODS, PAIR_METHODS, PairEncoder, set_type, to_set
+from posttrain.data.prompts import PromptEncoder, PromptSet, to_prompt_set
 from posttrain.data.report import DataReport, RowIssue
 from posttrain.data.templates import ChatEncoder, Encoded, TemplateMismatch, split_text, truncate
 from posttrain.data.validate import load_examples
@@ -39,7 +40,11 @@ METHOD_FORMATS = {
     "simpo": ("preference",),
     "orpo": ("preference",),
     "kto": ("feedback", "preference"),
+    "grpo": ("prompt",),
+    "rft": ("prompt",),
+    "online_dpo": ("prompt",),
 }
+ONLINE_METHODS = ("grpo", "rft", "online_dpo")
 
 
 @dataclass
@@ -185,13 +190,17 @@ def _weighted(indices: list[int], weight: float, rng: random.Random) -> list[int
     return out
 
 
-def _encoder(tokenizer, cfg: DataConfig, report: DataReport, method: str):
+def _encoder(tokenizer, cfg: DataConfig, report: DataReport, method: str, max_new_tokens: int = 0):
+    if method in ONLINE_METHODS:
+        return PromptEncoder(tokenizer, cfg.max_seq_len - max_new_tokens, report)
     if method in PAIR_METHODS + FEEDBACK_METHODS:
         return PairEncoder(tokenizer, cfg, report, method)
     return _Encoder(tokenizer, cfg, report)
 
 
 def _assemble(items: list, cfg: DataConfig, method: str, seed: int):
+    if method in ONLINE_METHODS:
+        return to_prompt_set(items)
     if method in PAIR_METHODS + FEEDBACK_METHODS:
         return to_set(items, method, seed)
     ds = TokenizedSet(
@@ -202,9 +211,9 @@ def _assemble(items: list, cfg: DataConfig, method: str, seed: int):
     return ds
 
 
-def _build(cfg: DataConfig, tokenizer, method: str, seed: int):
+def _build(cfg: DataConfig, tokenizer, method: str, seed: int, max_new_tokens: int = 0):
     report = DataReport()
-    encoder = _encoder(tokenizer, cfg, report, method)
+    encoder = _encoder(tokenizer, cfg, report, method, max_new_tokens)
     rng = random.Random(seed)
     train_items: list = []
     eval_items: list = []
@@ -232,7 +241,7 @@ def _build(cfg: DataConfig, tokenizer, method: str, seed: int):
 
     eval_report = DataReport()
     if cfg.eval:
-        eval_encoder = _encoder(tokenizer, cfg, eval_report, method)
+        eval_encoder = _encoder(tokenizer, cfg, eval_report, method, max_new_tokens)
         for src in cfg.eval:
             _check_format(src, method)
             examples, _ = load_examples(src.path, src.format, role_map=src.role_map, report=eval_report)
@@ -251,21 +260,22 @@ def cache_folder(cfg: DataConfig, fp: str) -> Path:
     return (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) / fp
 
 
-def build_datasets(cfg: DataConfig, tokenizer, method: str, seed: int, *, log=print):
+def build_datasets(cfg: DataConfig, tokenizer, method: str, seed: int, *, log=print, max_new_tokens: int = 0):
     """Return (train, eval or None, report, fingerprint), from the cache when it holds them.
 
     The sets are ``TokenizedSet`` for pretrain/SFT, ``PairSet`` or ``FeedbackSet`` for the preference methods.
     """
-    fp = fingerprint(cfg, tokenizer, method, seed)
+    fp = fingerprint(cfg, tokenizer, f"{method}-{max_new_tokens}", seed)
     folder = cache_folder(cfg, fp)
     if (folder / "report.json").is_file():
         report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
-        kind = set_type(method) if method in PAIR_METHODS + FEEDBACK_METHODS else TokenizedSet
+        kind = (PromptSet if method in ONLINE_METHODS else set_type(method) if method in PAIR_METHODS + FEEDBACK_METHODS
+                else TokenizedSet)
         train = kind.load(folder / "train.npz")
         evalset = kind.load(folder / "eval.npz") if (folder / "eval.npz").is_file() else None
         log(f"tokenized data loaded from cache {folder}")
         return train, evalset, report, fp
-    train, evalset, report = _build(cfg, tokenizer, method, seed)
+    train, evalset, report = _build(cfg, tokenizer, method, seed, max_new_tokens)
     folder.mkdir(parents=True, exist_ok=True)
     train.save(folder / "train.npz")
     if evalset is not None:

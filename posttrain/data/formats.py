@@ -26,7 +26,7 @@ from posttrain.errors import PosttrainError
 if TYPE_CHECKING:
     from posttrain.data.preference import FeedbackExample, PreferenceExample
 
-FORMATS = ("text", "alpaca", "messages", "preference", "feedback")
+FORMATS = ("text", "alpaca", "messages", "preference", "feedback", "prompt")
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT exports name speakers after the tool that produced them; these are the common names.
 DEFAULT_ROLE_MAP: dict[str, str] = {
@@ -88,12 +88,12 @@ def normalise(
     if not isinstance(row, dict):
         issues.add("", "row is not an object", f"got {json_type(row)}")
         return issues.found
-    if fmt in ("preference", "feedback"):
+    if fmt in ("preference", "feedback", "prompt"):
         # Imported here: preference.py builds on this module's parsers, so it imports this module.
-        from posttrain.data.preference import normalise_feedback, normalise_preference
+        from posttrain.data.preference import normalise_feedback, normalise_preference, normalise_prompt
 
-        schema = normalise_preference if fmt == "preference" else normalise_feedback
-        return schema(row, file=file, row_no=row_no)
+        schema = {"preference": normalise_preference, "feedback": normalise_feedback, "prompt": normalise_prompt}
+        return schema[fmt](row, file=file, row_no=row_no)
     if fmt == "text":
         example = Example(file, row_no, text=_text(row, issues))
     elif fmt == "alpaca":

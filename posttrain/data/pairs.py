@@ -224,7 +224,11 @@ class PairEncoder:
         if ex.score_chosen is not None and ex.score_rejected is not None:
             self.report.note("pairs with a score")
         if ex.reject_reason:
-            self.report.note(f"reject_reason: {ex.reject_reason.strip()[:60]}")
+            reason = f"reject_reason: {ex.reject_reason.strip()[:60]}"
+            # Free-text reasons could each be unique: the report keeps the first few dozen apart.
+            if reason not in self.report.notes and sum(k.startswith("reject_reason") for k in self.report.notes) >= 50:
+                reason = "reject_reason: (other)"
+            self.report.note(reason)
 
 
 def _derangement(n: int, rng: random.Random) -> np.ndarray:

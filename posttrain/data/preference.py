@@ -6,6 +6,8 @@ Formats:
   UltraFeedback exports carry scores.
 - ``feedback`` (KTO): {"prompt", "completion", "label", "system"?}; ``label`` is true/false,
   1/0, or "up"/"down", "true"/"false", "good"/"bad", "desirable"/"undesirable" in any case.
+- ``prompt`` (online methods): {"prompt", "system"?, "reference"? or "answer"?, ...}; the
+  reference answer (a string or number) and every other key (metadata) go to the rewards.
 
 ``prompt`` is a string (one user turn) or a list of OpenAI-style messages; ``system`` is
 prepended when the prompt has no system message of its own. A response (``chosen``,
@@ -68,6 +70,41 @@ class FeedbackExample:
     prompt: list[dict]
     completion: list[dict]
     desirable: bool
+
+
+@dataclass
+class PromptExample:
+    """A prompt for sampling, with what the rewards may need to score a response."""
+
+    file: str
+    row: int
+    prompt: list[dict]
+    reference: str | None = None
+    metadata: dict | None = None
+
+
+PROMPT_KEYS = ("prompt", "system", "reference", "answer")
+
+
+def normalise_prompt(row: dict, *, file: str, row_no: int) -> PromptExample | list[RowIssue]:
+    """Return the row as a PromptExample, or every issue found in it (at least one)."""
+    issues = Issues(file, row_no)
+    system = parse_string(issues, row.get("system"), "system", required=False)
+    given = row.get("prompt")
+    prompt = None
+    if given is None:
+        issues.add("prompt", "missing field")
+    else:
+        prompt = _read_prompt(given, issues)
+    key = "reference" if row.get("reference") is not None else "answer"
+    reference = row.get(key)
+    if isinstance(reference, bool) or not (reference is None or isinstance(reference, (str, int, float))):
+        issues.add(key, "wrong type", f"expected string or number, got {json_type(reference)}")
+    if issues.found:
+        return issues.found
+    metadata = {k: v for k, v in row.items() if k not in PROMPT_KEYS}
+    return PromptExample(file, row_no, _with_system(prompt, system),
+                         None if reference is None else str(reference), metadata)
 
 
 def normalise_preference(row: dict, *, file: str, row_no: int) -> PreferenceExample | list[RowIssue]:

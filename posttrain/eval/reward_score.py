@@ -6,8 +6,11 @@ score is the head's output at the last token.
 
 Rows may be preference pairs ({prompt, chosen, rejected}: both are scored, and the pairwise
 accuracy is reported), a prompt with a response ({prompt, completion} or {prompt, response}),
-or whole conversations ({messages} / ShareGPT {conversations}). Bad rows are reported with
-file, row and reason, and left out of the output.
+or whole conversations ({messages} / ShareGPT {conversations}). The output rows are the input
+rows plus ``reward_chosen`` and ``reward_rejected`` (pairs) or ``reward`` (the others), so scores
+already in the data (e.g. UltraFeedback's ``score_chosen``) are kept. Bad rows (unreadable,
+a template error, longer than the model's context) are reported with file, row and reason,
+and left out of the output.
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ class RewardScorer:
 
     def encode(self, messages: list[dict]) -> list[int]:
         return self.encoder.encode_messages(messages).input_ids
+
+    def check(self, messages: list[dict]) -> str | None:
+        """Why this conversation cannot be scored, or None."""
+        try:
+            n = len(self.encode(messages))
+        except Exception as exc:  # noqa: BLE001 - a Jinja template can raise anything; reported per row
+            return f"chat template error: {type(exc).__name__}: {exc}"
+        if self.max_len is not None and n > self.max_len:
+            return f"too long: {n} tokens > the model's {self.max_len} positions"
+        return None
 
     @torch.no_grad()
     def score(self, conversations: list[list[dict]]) -> list[float]:
@@ -118,31 +131,36 @@ def score_file(model: str | Path, data: str | Path, out: str | Path, *, batch_si
             report.drop(issue)
             continue
         kind, ex = parsed
+        if kind == "pair":
+            mine = [(ex.prompt + ex.chosen, "reward_chosen"), (ex.prompt + ex.rejected, "reward_rejected")]
+        elif kind == "single":
+            mine = [(ex.prompt + ex.completion, "reward")]
+        else:
+            mine = [(ex.messages, "reward")]
+        problem = next((p for p in (scorer.check(m) for m, _ in mine) if p), None)
+        if problem:
+            reason, _, detail = problem.partition(": ")
+            report.drop(RowIssue(file, row_no, "", reason, detail))
+            continue
         report.kept(file)
         k = len(rows)
         rows.append(dict(row))
-        if kind == "pair":
-            convs += [ex.prompt + ex.chosen, ex.prompt + ex.rejected]
-            where += [(k, "score_chosen"), (k, "score_rejected")]
-        elif kind == "single":
-            convs.append(ex.prompt + ex.completion)
-            where.append((k, "score"))
-        else:
-            convs.append(ex.messages)
-            where.append((k, "score"))
+        for messages, key in mine:
+            convs.append(messages)
+            where.append((k, key))
     if not rows:
         raise PosttrainError(f"no row of {file} can be scored.\n{report.format()}")
     scores = scorer.score(convs)
     for (k, key), s in zip(where, scores):
         rows[k][key] = s
     atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    singles = [r["score"] for r in rows if "score" in r]
-    pairs = [r for r in rows if "score_chosen" in r]
+    singles = [r["reward"] for r in rows if "reward" in r]
+    pairs = [r for r in rows if "reward_chosen" in r]
     summary = ScoreSummary(
         rows_scored=len(rows),
         mean_score=sum(singles) / len(singles) if singles else None,
         pairs=len(pairs),
-        pair_accuracy=sum(r["score_chosen"] > r["score_rejected"] for r in pairs) / len(pairs) if pairs else None,
+        pair_accuracy=sum(r["reward_chosen"] > r["reward_rejected"] for r in pairs) / len(pairs) if pairs else None,
         report=report,
     )
     if report.total_dropped:

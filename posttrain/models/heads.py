@@ -8,13 +8,18 @@ from __future__ import annotations
 
 from posttrain.config import ModelConfig
 from posttrain.errors import PosttrainError
-from posttrain.models.load import _where, resolve_dtype
+from posttrain.models.load import _where, is_adapter_folder, resolve_dtype
 
 
 def load_reward_model(cfg: ModelConfig, tuning_mode: str, pad_token_id: int):
     """A one-output sequence classifier on ``cfg``'s backbone; the head is new unless the checkpoint has one."""
     from transformers import AutoModelForSequenceClassification
 
+    if is_adapter_folder(cfg.name_or_path):
+        raise PosttrainError(
+            f"model.name_or_path={cfg.name_or_path!r} is a LoRA adapter; a reward model starts from a whole model. "
+            f"Merge it first, or train the reward model from the adapter's base model"
+        )
     kwargs = {"dtype": resolve_dtype(cfg, tuning_mode), "trust_remote_code": cfg.trust_remote_code, "num_labels": 1}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

@@ -162,6 +162,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 class Trainer:
+    updates_per_step = 1
+
     def __init__(self, cfg: RunConfig, accelerator, model, tokenizer, method: Method, train_set, eval_set, log=print):
         self.cfg, self.tcfg = cfg, cfg.training
         self.acc = accelerator
@@ -190,10 +192,12 @@ class Trainer:
             betas=(self.tcfg.adam_beta1, self.tcfg.adam_beta2),
             eps=self.tcfg.adam_eps,
         )
-        warmup = self.tcfg.warmup_steps or round(self.tcfg.warmup_ratio * self.total_steps)
-        # Stepped by us once per optimizer step, so it is not handed to accelerate.
+        # Online methods make several optimizer updates per step (one rollout batch).
+        updates = self.updates_per_step
+        warmup = (self.tcfg.warmup_steps or round(self.tcfg.warmup_ratio * self.total_steps)) * updates
+        # Stepped by us once per optimizer update, so it is not handed to accelerate.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(self.tcfg.lr_scheduler, warmup, self.total_steps)
+            optimizer, _lr_lambda(self.tcfg.lr_scheduler, warmup, self.total_steps * updates)
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -287,9 +291,10 @@ class Trainer:
             loss_sum += float(loss.detach())
             metric_sums.add(metrics)
         totals = self._global_sum([loss_sum, float(tokens), *metric_sums.flat()])
-        step_loss = totals[0] / global_units
-        global_tokens = totals[1]
-        step_metrics = metric_sums.means(totals[2:], global_units)
+        return self._apply_update(totals[0] / global_units, metric_sums.means(totals[2:], global_units), totals[1], started)
+
+    def _apply_update(self, step_loss: float, step_metrics: dict, global_tokens: float, started: float) -> dict:
+        """Clip, check and apply the accumulated gradients as one optimizer step; add it to the logging window."""
         grad_norm = self._grad_norm()
         if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)

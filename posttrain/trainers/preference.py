@@ -128,7 +128,8 @@ class PairMethod:
         # AutoModelForSequenceClassification scores the saved model the same way.
         rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         rc, rr = rewards.logits.squeeze(-1).float().chunk(2)
-        margin = batch["margin"] * r.margin_scale if r.margin_from_score else None
+        # A score that ranks the rejected answer higher contradicts the label: no margin, rather than a negative one.
+        margin = batch["margin"].clamp(min=0) * r.margin_scale if r.margin_from_score else None
         losses = bradley_terry_loss(rc, rr, margin, center_weight=r.center_weight)
         return losses.sum(), _pair_metrics(rc.detach(), rr.detach(), None, None)
 

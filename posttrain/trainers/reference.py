@@ -25,6 +25,10 @@ from posttrain.models.checkpoint import is_peft
 from posttrain.models.logprobs import sequence_logps
 
 
+# Bump when the way reference log-probs are computed changes, so stale caches are never reused.
+REFERENCE_VERSION = "1"
+
+
 def forward_inputs(batch: dict, prefix: str = "") -> dict:
     keys = ("input_ids", "attention_mask", "position_ids")
     return {k: batch[prefix + k] for k in keys if prefix + k in batch}
@@ -75,7 +79,7 @@ def weights_fingerprint(model) -> str:
     base = model.get_base_model() if is_peft(model) else model
     for name, tensor in sorted(base.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
     return h.hexdigest()[:20]
 
 
@@ -112,15 +116,21 @@ def attach_precomputed(
     Computed with ``model`` (the starting policy) unless the cache holds them for these weights
     and ``settings`` (whatever else changes the numbers: mixed precision, attention kernel).
     """
-    key = hashlib.sha256(f"{weights_fingerprint(model)}|{settings}".encode()).hexdigest()[:20]
+    import transformers
+
+    config = model.config.to_json_string() if hasattr(model, "config") else ""
+    parts = [weights_fingerprint(model), settings, config, torch.__version__, transformers.__version__,
+             REFERENCE_VERSION]
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
     path = cache / f"reference-{key}.npz"
     if path.is_file():
         z = np.load(path)
-        for name, ds in sets.items():
-            if ds is not None:
-                ds.ref = z[name]
-        log(f"reference log-probs loaded from cache {path}")
-        return
+        if all(ds is None or (name in z and len(z[name]) == len(ds)) for name, ds in sets.items()):
+            for name, ds in sets.items():
+                if ds is not None:
+                    ds.ref = z[name]
+            log(f"reference log-probs loaded from cache {path}")
+            return
     model.to(device)
     score = scorer(model)
     was_training = model.training

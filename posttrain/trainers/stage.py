@@ -17,6 +17,7 @@ from posttrain.models.checkpoint import is_peft, save_model
 from posttrain.trainers.supervised import SupervisedMethod
 
 SUPERVISED = ("pretrain", "sft")
+ONLINE_METHODS = ("grpo", "rft", "online_dpo")
 
 
 def _versions() -> dict:
@@ -79,7 +80,8 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         resolve_chat_template(tokenizer, cfg.model.chat_template)
     with acc.main_process_first():
         train_set, eval_set, report, fingerprint = build_datasets(
-            cfg.data, tokenizer, cfg.method, cfg.training.seed, log=say
+            cfg.data, tokenizer, cfg.method, cfg.training.seed, log=say,
+            max_new_tokens=cfg.online.generation.max_new_tokens if cfg.method in ONLINE_METHODS else 0,
         )
     say(report.format())
     say(f"training rows: {len(train_set)} ({train_set.n_tokens} tokens)"
@@ -91,8 +93,16 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         model = load_reward_model(cfg.model, cfg.tuning.mode, tokenizer.pad_token_id)
     else:
         model = load_model(cfg.model, cfg.tuning.mode)
-    method = _method(cfg, acc, model, tokenizer, {"train": train_set, "eval": eval_set}, fingerprint, say)
+    if cfg.method in ONLINE_METHODS:
+        method = None
+    else:
+        method = _method(cfg, acc, model, tokenizer, {"train": train_set, "eval": eval_set}, fingerprint, say)
     model = apply_tuning(model, cfg.tuning, "SEQ_CLS" if cfg.method == "reward" else "CAUSAL_LM")
+    if cfg.method not in SUPERVISED and cfg.preference.disable_dropout:
+        from posttrain.models.load import disable_dropout
+
+        if disable_dropout(model):
+            say("dropout turned off in the policy (preference.disable_dropout)")
     trainable, total = count_parameters(model)
     say(f"tuning mode {cfg.tuning.mode}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
@@ -107,7 +117,10 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         atomic_write_text(out / "data_report.json", report.to_json())
         _write_run_json(out, info)
 
-    trainer = Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=say)
+    if cfg.method in ONLINE_METHODS:
+        trainer = _online_trainer(cfg, acc, model, tokenizer, train_set, eval_set, say)
+    else:
+        trainer = Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=say)
     try:
         result = trainer.fit(resume=resume)
     except BaseException as exc:
@@ -170,6 +183,41 @@ def _method(cfg: RunConfig, acc, model, tokenizer, sets: dict, data_fingerprint:
                 progress=cfg.training.progress_bar and acc.is_main_process, log=say,
             )
     return method
+
+
+def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts, say):
+    """The rollout -> reward -> update trainer, with its generation engine, rewards and reference."""
+    from posttrain.data.templates import ChatEncoder
+    from posttrain.generation import make_engine
+    from posttrain.rl.rewards import build_rewards
+    from posttrain.trainers.online import OnlineTrainer, RftTrainer, check_rewards
+    from posttrain.trainers.reference import Reference
+
+    check_rewards(cfg)
+    eot = ChatEncoder(tokenizer).end_of_turn_id
+    stop_ids = list(dict.fromkeys(i for i in (eot, tokenizer.eos_token_id) if i is not None))
+    gen = cfg.online.generation
+    engine = make_engine(gen.engine, model, tokenizer, stop_token_ids=stop_ids, model_path=cfg.model.name_or_path,
+                         batch_size=gen.batch_size)
+    rewards = build_rewards(cfg.online.rewards) if cfg.online.rewards else None
+    judge = None
+    if cfg.method == "online_dpo" and cfg.online.online_dpo.judge:
+        from posttrain.rl.rewards.judge import JudgeClient, PairwiseJudge
+
+        spec = dict(cfg.online.online_dpo.judge)
+        rubric = spec.pop("rubric", "Which response answers the question correctly and helpfully?")
+        judge = PairwiseJudge(JudgeClient(**spec), rubric)
+    mode = cfg.reference_mode()
+    reference = None
+    if mode == "live":
+        from posttrain.models.load import load_model
+
+        reference = Reference("live", load_model(cfg.model, cfg.tuning.mode).to(acc.device).eval().requires_grad_(False))
+    elif mode == "adapters_off":
+        reference = Reference("adapters_off")
+    cls = RftTrainer if cfg.method == "rft" else OnlineTrainer
+    return cls(cfg, acc, model, tokenizer, prompts, eval_prompts, rewards=rewards, engine=engine,
+               reference=reference, stop_ids=stop_ids, judge=judge, log=say)
 
 
 def _set_end_of_turn(model, tokenizer, eot_id: int | None) -> None:

@@ -61,18 +61,23 @@ def test_reward_model_ranks_heldout_pairs_and_loads_as_a_classifier(tmp_path, sf
     assert summary.pairs == 80
     assert summary.pair_accuracy == pytest.approx(last["eval_rewards/accuracy"], abs=1e-9)
     rows = [json.loads(x) for x in (tmp_path / "scored.jsonl").read_text().splitlines()]
-    assert all(isinstance(r["score_chosen"], float) and "prompt" in r for r in rows)
+    assert all(isinstance(r["reward_chosen"], float) and "prompt" in r for r in rows)
 
     from posttrain.cli import main
 
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"prompt": "What is 2 + 2?", "completion": "4"}\n{"prompt": "x"}\n'
-                     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n')
+                     '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                     '{"prompt": "q", "chosen": "a", "rejected": "b", "score": {"chosen": 9, "rejected": 2}}\n'
+                     + json.dumps({"prompt": "long " * 1200, "completion": "x"}) + "\n")
     assert main(["score", str(final), str(mixed)]) == 0
     out = capsys.readouterr().out
-    assert "scored 2 rows" in out and "mixed.jsonl:2 field 'completion': missing field" in out
+    assert "scored 3 rows" in out and "mixed.jsonl:2 field 'completion': missing field" in out
+    assert "mixed.jsonl:5: too long" in out
     scored = [json.loads(x) for x in (tmp_path / "mixed.scored.jsonl").read_text().splitlines()]
-    assert [sorted(r) for r in scored] == [["completion", "prompt", "score"], ["messages", "score"]]
+    assert [sorted(r) for r in scored] == [["completion", "prompt", "reward"], ["messages", "reward"],
+                                           ["chosen", "prompt", "rejected", "reward_chosen", "reward_rejected", "score"]]
+    assert scored[2]["score"] == {"chosen": 9, "rejected": 2}  # the data's own scores are kept
 
 
 def test_reward_margin_from_score_changes_the_loss(tmp_path, sft_model, preference_data):
@@ -113,19 +118,20 @@ def test_dpo_with_each_tuning_mode(tmp_path, sft_model, tiny_model_with_biases, 
     assert (final / ("adapter_config.json" if mode == "lora" else "config.json")).is_file()
 
 
-def test_precomputed_reference_is_cached_and_reused(tmp_path, sft_model, preference_data):
+def test_precomputed_reference_is_cached_and_reused(tmp_path, sft_model, tiny_model, preference_data):
     logs = []
-    for i in range(2):
-        cfg = preference_config(sft_model, preference_data, tmp_path / f"run{i}", "dpo",
+    for i, model in enumerate([sft_model, sft_model, tiny_model]):
+        cfg = preference_config(model, preference_data, tmp_path / f"run{i}", "dpo",
                                 training={"max_steps": 2, "eval_steps": None})
         cfg["data"]["cache_dir"] = str(tmp_path / "cache")
         from posttrain.config import load_config
         from posttrain.trainers.stage import run_stage
 
         run_stage(load_config(None, raw=cfg), log=logs.append)
-    assert sum(str(x).startswith("reference log-probs computed once") for x in logs) == 1
+    # The second run reuses the first one's; other weights (the third run) are scored anew.
+    assert sum(str(x).startswith("reference log-probs computed once") for x in logs) == 2
     assert sum(str(x).startswith("reference log-probs loaded from cache") for x in logs) == 1
-    assert len(list((tmp_path / "cache").rglob("reference-*.npz"))) == 1
+    assert len(list((tmp_path / "cache").rglob("reference-*.npz"))) == 2
 
 
 def test_kto_refuses_one_sided_feedback(tmp_path, sft_model, preference_data):

@@ -75,3 +75,25 @@ def test_loading_weights_with_a_missing_tensor_is_refused(tmp_path, tiny_model):
     save_file(state, str(tmp_path / "partial" / "model.safetensors"))
     with pytest.raises(PosttrainError, match="up_proj"):
         load_weights(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "partial")
+
+
+def test_a_lora_run_output_loads_as_the_merged_model(tmp_path, tiny_model, task_data):
+    """A later stage that starts from a LoRA run's final/ starts from the adapted model, not the bare base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.config import ModelConfig
+    from posttrain.models.load import load_model
+    from tests.conftest import base_config, run
+
+    final = run(base_config(tiny_model, task_data["train"], tmp_path / "lora",
+                            tuning={"mode": "lora", "lora": {"dropout": 0.0}},
+                            training={"max_steps": 10, "learning_rate": 1e-2}))
+    assert (final / "adapter_config.json").is_file()
+    merged = load_model(ModelConfig(name_or_path=str(final))).eval()
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), str(final)).eval()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    x = torch.tensor([[1, 40, 50, 60, 70, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, adapted(x).logits, rtol=1e-4, atol=1e-4)
+        assert (base(x).logits - adapted(x).logits).abs().max() > 1e-2

@@ -12,6 +12,7 @@ from posttrain.data.synthetic.tasks import (
     TASKS,
     make_feedback_rows,
     make_preference_rows,
+    make_prompt_rows,
     make_task_rows,
     split_train_test,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "make_feedback_rows",
     "make_general_corpus",
     "make_preference_rows",
+    "make_prompt_rows",
     "make_task_rows",
     "split_train_test",
     "tokenizer_corpus",

@@ -167,3 +167,9 @@ def split_train_test(
     train = [row for row in rows if _prompt_key(row) not in test_keys]
     test = [row for row in rows if _prompt_key(row) in test_keys]
     return train, test
+
+
+def make_prompt_rows(n: int, seed: int, tasks: Sequence[str] = ("add", "reverse", "upper", "count")) -> list[dict]:
+    """``n`` prompts for online methods: {"prompt", "answer", "task"}; the answer is what exact-match rewards check."""
+    return [{"prompt": row["messages"][0]["content"], "answer": row["answer"], "task": row["task"]}
+            for row in make_task_rows(n, seed, tasks)]
