@@ -1,0 +1,40 @@
+"""Generation engines for online RL: sample completions with the log-probs of their tokens.
+
+Every engine has ``generate(prompts, params) -> list[list[Generation]]`` (``params.n``
+generations per prompt) and ``sync_weights(model)`` (make the engine sample from the
+policy's current weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from posttrain.generation.base import Generation, SamplingParams
+from posttrain.generation.transformers_engine import TransformersEngine
+
+ENGINES = ("auto", "transformers", "vllm")
+
+
+def make_engine(kind: str, model, tokenizer, *, stop_token_ids: list[int], model_path=None, **kw):
+    """The engine named by ``kind``; "auto" is vLLM when it is installed and a GPU is present.
+
+    ``model`` is the policy module (used by the transformers engine); ``model_path`` is
+    where vLLM loads its own copy from (default: the path ``model`` was loaded from;
+    ``sync_weights`` brings that copy up to date). ``kw`` go to the engine's constructor
+    (``batch_size`` for transformers; ``gpu_memory_utilization``, ``dtype`` for vLLM).
+    """
+    if kind not in ENGINES:
+        raise ValueError(f"generation engine must be one of {', '.join(ENGINES)}; got {kind!r}")
+    if kind == "auto":
+        kind = "vllm" if importlib.util.find_spec("vllm") is not None and torch.cuda.is_available() else "transformers"
+    if kind == "transformers":
+        return TransformersEngine(model, tokenizer, stop_token_ids=stop_token_ids, **kw)
+    from posttrain.generation.vllm_engine import VLLMEngine
+
+    path = model_path or getattr(model, "name_or_path", None)
+    return VLLMEngine(path, tokenizer, stop_token_ids=stop_token_ids, **kw)
+
+
+__all__ = ["ENGINES", "Generation", "SamplingParams", "TransformersEngine", "make_engine"]

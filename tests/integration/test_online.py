@@ -1,0 +1,134 @@
+"""Online methods run the rollout -> reward -> update cycle end to end on the tiny model, on CPU."""
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import _merge, base_config, metrics, run
+
+
+@pytest.fixture(scope="session")
+def prompt_data(tmp_path_factory):
+    from posttrain.data.synthetic import make_prompt_rows, write_jsonl
+
+    folder = tmp_path_factory.mktemp("prompts")
+    return {"train": write_jsonl(make_prompt_rows(64, seed=5), folder / "prompts.jsonl"),
+            "eval": write_jsonl(make_prompt_rows(16, seed=6), folder / "prompts_eval.jsonl")}
+
+
+def online_config(model, data, out, method, **sections):
+    raw = base_config(
+        model, data["train"], out, method=method,
+        data={"train": [{"path": str(data["train"]), "format": "prompt"}],
+              "eval": [{"path": str(data["eval"]), "format": "prompt"}], "max_seq_len": 96},
+        online={"rewards": [{"type": "exact_match"}], "generation": {"max_new_tokens": 8},
+                "grpo": {"group_size": 4}},
+        training={"max_steps": 3, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "eval_steps": 3},
+    )
+    return _merge(raw, sections)
+
+
+def test_grpo_logs_its_rails_and_saves_samples(tmp_path, sft_model, prompt_data):
+    out = tmp_path / "grpo"
+    final = run(online_config(sft_model, prompt_data, out, "grpo",
+                              online={"grpo": {"kl_coef": 0.05, "epochs": 2}}))
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert len(steps) == 3
+    for key in ("reward", "reward_std", "entropy", "clip_frac", "masked_frac", "response_length", "kl",
+                "logprob_mismatch", "reward/exact_match"):
+        assert key in steps[-1], key
+    # The engine's log-probs are the ones the trainer recomputes: the same model, the same temperature.
+    assert all(m["logprob_mismatch"] < 1e-4 for m in steps)
+    assert steps[-1]["masked_frac"] == 0.0
+    evals = [m for m in metrics(out) if "eval_reward" in m]
+    assert [m["step"] for m in evals] == [0, 3]
+    assert evals[0]["eval_loss"] == -evals[0]["eval_reward"]
+    rows = [json.loads(x) for x in (out / "samples" / "step-3.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and {"prompt", "completion", "reward", "reference"} <= set(rows[0])
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed" and info["reference"] == "live"
+    assert (final / "config.json").is_file()
+
+
+def test_a_reward_that_raises_masks_samples_and_training_goes_on(tmp_path, sft_model, prompt_data):
+    module = tmp_path / "flaky_reward.py"
+    module.write_text(
+        "def score(prompt, completion, reference, metadata):\n"
+        "    if metadata.get('task') == 'add':\n"
+        "        raise RuntimeError('cannot score additions')\n"
+        "    return float(completion.strip() == reference)\n"
+    )
+    out = tmp_path / "flaky"
+    run(online_config(sft_model, prompt_data, out, "grpo",
+                      online={"rewards": [{"type": "python", "function": f"{module}:score"}]}))
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert len(steps) == 3
+    # One prompt in four is an addition: its samples are masked and counted, and the rest still train.
+    assert any(m["masked_frac"] > 0.0 for m in steps) and all(m["masked_frac"] < 1.0 for m in steps)
+    assert [m["eval_masked_frac"] for m in metrics(out) if "eval_masked_frac" in m] == [0.25, 0.25]
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+
+
+def test_rft_writes_each_rounds_kept_samples(tmp_path, sft_model, prompt_data):
+    out = tmp_path / "rft"
+    run(online_config(sft_model, prompt_data, out, "rft",
+                      online={"rewards": [{"type": "length_penalty", "max_chars": 2, "per_unit": 1.0}],
+                              "rft": {"rounds": 2, "steps_per_round": 2, "samples_per_prompt": 2}},
+                      training={"eval_steps": None}))
+    for r in (1, 2):
+        rows = [json.loads(x) for x in (out / "rounds" / f"round-{r}" / "kept.jsonl").read_text().splitlines()]
+        assert 0 < len(rows) <= 64  # at most the best of 2 for each prompt
+        assert rows[0]["messages"][-1]["role"] == "assistant" and "reward" in rows[0]
+        stats = json.loads((out / "rounds" / f"round-{r}" / "stats.json").read_text())
+        assert stats["kept"] == len(rows) and stats["sampled"] == 128
+    assert len([m for m in metrics(out) if "loss" in m]) == 4
+
+
+def test_rft_kept_rounds_are_valid_sft_data(tmp_path, sft_model, prompt_data):
+    from posttrain.data.validate import load_examples
+
+    out = tmp_path / "rft"
+    run(online_config(sft_model, prompt_data, out, "rft",
+                      online={"rewards": [{"type": "length_penalty", "max_chars": 2}],
+                              "rft": {"rounds": 1, "steps_per_round": 1, "samples_per_prompt": 2}},
+                      training={"eval_steps": None}))
+    examples, report = load_examples(out / "rounds" / "round-1" / "kept.jsonl", "messages")
+    assert len(examples) > 0 and report.total_dropped == 0
+
+
+def test_online_dpo_learns_from_rewards(tmp_path, sft_model, prompt_data):
+    out = tmp_path / "odpo"
+    run(online_config(sft_model, prompt_data, out, "online_dpo",
+                      online={"rewards": [{"type": "length_penalty", "max_chars": 1, "per_unit": 1.0}],
+                              "online_dpo": {"samples_per_prompt": 4}}))
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert len(steps) == 3 and all(0 < m["pair_frac"] <= 1 for m in steps)
+    assert {"rewards/margin", "rewards/accuracy", "reward"} <= set(steps[-1])
+
+
+def test_online_dpo_takes_pairwise_labels_from_a_judge_server(tmp_path, sft_model, prompt_data):
+    from tests.judge_server import serve
+
+    seen = []
+
+    def shorter_wins(request):
+        text = request["messages"][-1]["content"]
+        seen.append(text)
+        a = re.search(r"\[Response A\]\n(.*?)\n\[End of Response A\]", text, re.DOTALL).group(1)
+        b = re.search(r"\[Response B\]\n(.*?)\n\[End of Response B\]", text, re.DOTALL).group(1)
+        return "A" if len(a) <= len(b) else "B"
+
+    base_url, stop = serve(shorter_wins)
+    try:
+        out = tmp_path / "judge"
+        run(online_config(sft_model, prompt_data, out, "online_dpo",
+                          online={"rewards": [], "online_dpo": {"judge": {"base_url": base_url, "model": "judge",
+                                                                          "rubric": "Prefer the shorter answer."}}},
+                          training={"eval_steps": None}))
+    finally:
+        stop()
+    steps = [m for m in metrics(out) if "loss" in m or "skipped_steps" in m]
+    assert seen, "the judge was never asked"
+    assert any("rewards/margin" in m for m in steps)
+    assert all("judge_undecided_frac" in m for m in steps if "loss" in m)
