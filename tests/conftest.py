@@ -25,6 +25,22 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 
 
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    """The tiny model's tokenizer, fresh for each test module (a module may change it)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    """The tiny model, fresh for each test module (a module may change its generation config)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_with_biases(tmp_path_factory, tiny_model) -> Path:
     """The tiny model with attention and MLP biases, for BitFit."""

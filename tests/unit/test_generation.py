@@ -3,7 +3,6 @@ import importlib.util
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.data.templates import IGNORE_INDEX, ChatEncoder
 from posttrain.errors import MissingExtraError, PosttrainError
@@ -13,14 +12,6 @@ from posttrain.models.logprobs import per_token_logps
 QUESTIONS = ["What is 2 + 3?", "Name a colour of the sky on a clear summer afternoon, please.", "Hi"]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_model):
-    return AutoModelForCausalLM.from_pretrained(tiny_model)
 
 
 @pytest.fixture(scope="module")

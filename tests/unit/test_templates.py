@@ -44,11 +44,6 @@ LLAMA3_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_model):
-    return AutoTokenizer.from_pretrained(tiny_model)
-
-
-@pytest.fixture(scope="module")
 def llama3_tokenizer(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)  # a separate copy: the shared one stays ChatML
     tok.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIALS})
