@@ -172,3 +172,26 @@ def test_write_jsonl_keeps_old_file_when_a_row_cannot_be_written(tmp_path):
         write_jsonl([{"a": 2}, {"bad": object()}], path)
     assert path.read_text("utf-8") == '{"a": 1}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["rows.jsonl"]
+
+
+def test_larger_task_and_wrong_answers_are_checkable():
+    import random
+
+    from posttrain.data.synthetic.tasks import larger, wrong_answer
+
+    rng = random.Random(0)
+    for _ in range(50):
+        prompt, answer = larger(rng)
+        a, b = (int(x) for x in prompt.removeprefix("Which is larger, ").removesuffix("?").split(" or "))
+        assert a != b and answer == str(max(a, b))
+        assert wrong_answer("larger", answer, rng) != answer
+
+
+def test_prompt_rows_carry_the_answer_for_rewards():
+    from posttrain.data.synthetic import make_prompt_rows
+
+    rows = make_prompt_rows(8, seed=3, tasks=("add", "larger"))
+    assert [r["task"] for r in rows] == ["add", "larger"] * 4
+    for r in rows[::2]:
+        a, b = (int(x) for x in r["prompt"].removeprefix("What is ").removesuffix("?").split(" + "))
+        assert r["answer"] == str(a + b)

@@ -49,11 +49,17 @@ def count(rng: random.Random) -> tuple[str, str]:
     return f'How many times does the letter "{letter}" appear in "{word}"?', str(word.count(letter))
 
 
+def larger(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.sample(range(10, 100), 2)
+    return f"Which is larger, {a} or {b}?", str(max(a, b))
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "add": add,
     "reverse": reverse,
     "upper": upper,
     "count": count,
+    "larger": larger,
 }
 
 FORMATS = ("messages", "alpaca")
@@ -71,6 +77,7 @@ WRONG: dict[str, Callable[[str, random.Random], str]] = {
     "reverse": lambda ans, rng: ans[::-1] if rng.random() < 0.5 else _swap_two(ans, rng),
     "upper": lambda ans, rng: ans.lower() if rng.random() < 0.5 else ans.title(),
     "count": lambda ans, rng: str(int(ans) + 1 if int(ans) == 0 or rng.random() < 0.5 else int(ans) - 1),
+    "larger": lambda ans, rng: str(int(ans) - rng.randint(1, 9)),
 }
 
 
