@@ -108,13 +108,34 @@ def compute_reference(method, dataset, score, batch_size: int, device, autocast,
     return out
 
 
+class _Share:
+    """Every ``world``-th row of a dataset, from ``rank``: one process's part of the scoring."""
+
+    def __init__(self, ds, rank: int, world: int):
+        self.ds, self.index = ds, list(range(rank, len(ds), world))
+        lengths = ds.row_lengths()
+        self.lengths = [lengths[i] for i in self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def row_lengths(self) -> list[int]:
+        return self.lengths
+
+    def row(self, r: int) -> dict:
+        return self.ds.row(self.index[r])
+
+
 def attach_precomputed(
-    sets: dict, method, model, cache: Path, *, settings: str, batch_size: int, device, autocast, progress: bool, log
+    sets: dict, method, model, cache: Path, *, settings: str, batch_size: int, device, autocast, progress: bool, log,
+    rank: int = 0, world: int = 1,
 ) -> None:
     """Give each dataset in ``sets`` ({"train": set, "eval": set or None}) its reference log-probs.
 
     Computed with ``model`` (the starting policy) unless the cache holds them for these weights
     and ``settings`` (whatever else changes the numbers: mixed precision, attention kernel).
+    With several processes each scores every ``world``-th row and the parts are gathered, so no
+    process idles at a barrier while another scores the whole set. Every process must call this.
     """
     import transformers
 
@@ -137,10 +158,22 @@ def attach_precomputed(
     model.eval()
     arrays = {}
     for name, ds in sets.items():
-        if ds is not None:
-            ds.ref = arrays[name] = compute_reference(method, ds, score, batch_size, device, autocast, progress)
+        if ds is None:
+            continue
+        share = _Share(ds, rank, world)
+        mine = compute_reference(method, share, score, batch_size, device, autocast, progress)
+        parts = [(share.index, mine)]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object(parts)
+        full = np.zeros((len(ds), 2), dtype=np.float32)
+        for index, values in parts:
+            full[index] = values
+        ds.ref = arrays[name] = full
     model.train(was_training)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-    log(f"reference log-probs computed once and cached in {path}")
+    if rank == 0:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        atomic_write_bytes(path, buf.getvalue())
+        log(f"reference log-probs computed once and cached in {path}")

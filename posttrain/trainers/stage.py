@@ -175,13 +175,13 @@ def _method(cfg: RunConfig, acc, model, tokenizer, sets: dict, data_fingerprint:
     method = make_method(cfg, tokenizer.pad_token_id, reference)
     if mode == "precomputed":
         settings = f"{cfg.training.mixed_precision}|{cfg.model.attn_implementation}|{acc.device.type}"
-        with acc.main_process_first():
-            attach_precomputed(
-                sets, method, model, cache_folder(cfg.data, data_fingerprint), settings=settings,
-                batch_size=cfg.preference.reference_batch_size or 2 * cfg.training.batch_size,
-                device=acc.device, autocast=acc.autocast,
-                progress=cfg.training.progress_bar and acc.is_main_process, log=say,
-            )
+        attach_precomputed(
+            sets, method, model, cache_folder(cfg.data, data_fingerprint), settings=settings,
+            batch_size=cfg.preference.reference_batch_size or 2 * cfg.training.batch_size,
+            device=acc.device, autocast=acc.autocast,
+            progress=cfg.training.progress_bar and acc.is_main_process, log=say,
+            rank=acc.process_index, world=acc.num_processes,
+        )
     return method
 
 

@@ -57,6 +57,8 @@ def test_two_processes_equal_one_for_preference(tmp_path, sft_model, preference_
     two = preference_config(sft_model, preference_data, tmp_path / "two", method, training=training)
     one = preference_config(sft_model, preference_data, tmp_path / "one", method,
                             training={**training, "gradient_accumulation_steps": 2})
+    # Each run scores its own reference (two processes split the rows), not one cache for both.
+    one["data"]["cache_dir"] = str(tmp_path / "cache-one")
     _train(two, tmp_path / "two.yaml", nproc=2)
     _train(one, tmp_path / "one.yaml", nproc=1)
     a, b = losses(tmp_path / "two"), losses(tmp_path / "one")
