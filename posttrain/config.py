@@ -222,22 +222,39 @@ class OnlineDpoConfig(_Section):
     )
 
 
+class PpoConfig(_Section):
+    value_model: Name | None = Field(None, description="the value model's start; default: the policy's start")
+    value_learning_rate: float | None = Field(None, gt=0, description="default: training.learning_rate")
+    samples_per_prompt: int = Field(1, ge=1)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_in: Literal["reward", "loss"] = Field("reward", description="a per-token KL penalty in the reward, or a loss term")
+    gamma: float = Field(1.0, gt=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip: float = Field(0.2, gt=0, lt=1)
+    value_clip: float | None = Field(0.2, gt=0)
+    epochs: int = Field(2, ge=1, description="passes over each rollout batch")
+    mini_batches: int = Field(2, ge=1, description="optimizer updates per pass")
+    whiten_advantages: bool = True
+
+
 class OnlineConfig(_Section):
     rewards: list[dict] = Field(default_factory=list, description="e.g. [{type: exact_match, weight: 1.0}]")
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     rft: RftConfig = Field(default_factory=RftConfig)
     online_dpo: OnlineDpoConfig = Field(default_factory=OnlineDpoConfig)
+    ppo: PpoConfig = Field(default_factory=PpoConfig)
 
 
-METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo")
-ONLINE_METHODS = ("grpo", "rft", "online_dpo")
-REFERENCE_METHODS = ("dpo", "kto", "online_dpo", "grpo")
+METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo", "ppo")
+ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
+REFERENCE_METHODS = ("dpo", "kto", "online_dpo", "grpo", "ppo")
 
 
 class RunConfig(_Section):
     model: ModelConfig
-    method: Literal["pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo"]
+    method: Literal["pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo", "ppo"]
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -255,7 +272,7 @@ class RunConfig(_Section):
                 raise ValueError("preference.reference=precomputed: online samples are new every step; use live")
         if ref == "auto":
             return self
-        if self.method not in REFERENCE_METHODS or (self.method == "grpo" and self.online.grpo.kl_coef == 0):
+        if self.reference_mode() is None:
             raise ValueError(
                 f"preference.reference={ref}: method {self.method} uses no reference model; leave it at auto"
             )
@@ -268,7 +285,10 @@ class RunConfig(_Section):
 
     def reference_mode(self) -> str | None:
         """How the reference log-probs are obtained, or None for methods that use none."""
-        if self.method not in REFERENCE_METHODS or (self.method == "grpo" and self.online.grpo.kl_coef == 0):
+        no_kl = (self.method == "grpo" and self.online.grpo.kl_coef == 0) or (
+            self.method == "ppo" and self.online.ppo.kl_coef == 0
+        )
+        if self.method not in REFERENCE_METHODS or no_kl:
             return None
         if self.preference.reference != "auto":
             return self.preference.reference

@@ -43,8 +43,9 @@ METHOD_FORMATS = {
     "grpo": ("prompt",),
     "rft": ("prompt",),
     "online_dpo": ("prompt",),
+    "ppo": ("prompt",),
 }
-ONLINE_METHODS = ("grpo", "rft", "online_dpo")
+ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
 
 
 @dataclass

@@ -46,3 +46,26 @@ def train_head(model) -> None:
     for n, p in model.named_parameters():
         if n in names:
             p.requires_grad_(True)
+
+
+def load_value_model(cfg, pad_token_id: int):
+    """PPO's value model: a one-output token classifier (a value per position), by default on the policy's start.
+
+    ``online.ppo.value_model`` may name another start, e.g. the reward model (its backbone is loaded, the head is new).
+    """
+    from transformers import AutoModelForTokenClassification
+
+    from posttrain.config import ModelConfig
+
+    name = cfg.online.ppo.value_model or cfg.model.name_or_path
+    mcfg = ModelConfig(name_or_path=name, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                       trust_remote_code=cfg.model.trust_remote_code)
+    if is_adapter_folder(name):
+        raise PosttrainError(f"online.ppo.value_model={name!r} is a LoRA adapter; give a whole model")
+    kwargs = {"dtype": resolve_dtype(mcfg, "full"), "trust_remote_code": mcfg.trust_remote_code, "num_labels": 1}
+    try:
+        model = AutoModelForTokenClassification.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise PosttrainError(f"cannot load the value model {name!r} ({_where(name)}): {exc}") from None
+    model.config.pad_token_id = pad_token_id
+    return model

@@ -423,11 +423,18 @@ class Trainer:
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(rng, tmp / "rng.pt")
+                self._save_extra(tmp)
                 # Written last inside the folder; the folder itself appears only when whole.
                 atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(self.state), indent=2))
             self._rotate_checkpoints()
         self.acc.wait_for_everyone()
         return path
+
+    def _save_extra(self, folder: Path) -> None:
+        """What a subclass trains besides the policy (PPO's value model) goes into the checkpoint here."""
+
+    def _load_extra(self, folder: Path) -> None:
+        """Counterpart of ``_save_extra`` on resume."""
 
     def _checkpoints(self) -> list[tuple[int, Path]]:
         if not self.ckpt_root.is_dir():
@@ -457,6 +464,7 @@ class Trainer:
         load_weights(self.acc.unwrap_model(self.model), path / "model")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self._load_extra(path)
         rng = torch.load(path / "rng.pt", weights_only=False)
         _set_rng_state(rng[self.acc.process_index] if len(rng) == self.world else rng[0])
         self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))

@@ -55,7 +55,8 @@ class OnlineTrainer(Trainer):
 
     def __init__(self, cfg: RunConfig, accelerator, model, tokenizer, prompts, eval_prompts, *, rewards, engine,
                  reference: Reference | None, stop_ids: list[int], judge=None, log=print):
-        self.updates_per_step = cfg.online.grpo.epochs if cfg.method == "grpo" else 1
+        o = cfg.online
+        self.updates_per_step = {"grpo": o.grpo.epochs, "ppo": o.ppo.epochs * o.ppo.mini_batches}.get(cfg.method, 1)
         super().__init__(cfg, accelerator, model, tokenizer, _PromptsMethod(), prompts, eval_prompts, log=log)
         self.ocfg = cfg.online
         self.rewards = rewards
@@ -460,3 +461,154 @@ class RftTrainer(OnlineTrainer):
         for k, v in {"rft_round": round_idx + 1.0, "kept_frac": n_kept / max(n_total, 1),
                      "reward": reward_sum / max(n_valid, 1), "masked_frac": 1 - n_valid / max(n_total, 1)}.items():
             w[k] = (v, 1)
+
+
+class PpoTrainer(OnlineTrainer):
+    """PPO for RLHF (Ouyang et al. 2022): a policy and a value model, GAE, clipped surrogate and value losses.
+
+    Each step samples the step's prompts, scores the responses (the sequence reward lands on
+    the last response token), adds a per-token KL penalty to the reference in the reward (or a
+    KL term in the loss), estimates advantages with GAE from the value model, then makes
+    ``epochs x mini_batches`` updates of both models over the rollout.
+    """
+
+    def __init__(self, cfg: RunConfig, accelerator, model, tokenizer, prompts, eval_prompts, *, critic, **kw):
+        p = cfg.online.ppo
+        super().__init__(cfg, accelerator, model, tokenizer, prompts, eval_prompts, **kw)
+        critic_opt = torch.optim.AdamW([q for q in critic.parameters() if q.requires_grad],
+                                       lr=p.value_learning_rate or self.tcfg.learning_rate,
+                                       betas=(self.tcfg.adam_beta1, self.tcfg.adam_beta2), eps=self.tcfg.adam_eps)
+        self.critic, self.critic_opt = accelerator.prepare(critic, critic_opt)
+
+    def _train_step(self, global_batch: list[int]) -> dict:
+        from posttrain.losses.policy import value_loss
+        from posttrain.rl.advantages import gae, whiten
+
+        started = time.perf_counter()
+        p = self.ocfg.ppo
+        prompts = self._my_prompts(global_batch)
+        samples = self._sample(prompts, p.samples_per_prompt)
+        totals, components = self._score(prompts, samples)
+        valid = torch.tensor([t is not None for t in totals])
+        raw = torch.tensor([t if t is not None else 0.0 for t in totals], dtype=torch.float32)
+        seqs = self._sequences(prompts, samples)
+        engine_lp = [s.logprobs for gs in samples for s in gs]
+        rollout = collate([[s] for s in seqs], self.tokenizer.pad_token_id)
+        scored = (rollout["labels"][:, 1:] != IGNORE_INDEX).float()
+        mask = scored * valid.float()[:, None]
+
+        # Old log-probs, reference log-probs and values, without gradients, in chunks.
+        self.model.train()
+        old, ref, values = torch.zeros_like(scored), torch.zeros_like(scored), torch.zeros_like(scored)
+        chunk = self.tcfg.batch_size
+        with torch.no_grad(), self.acc.autocast():
+            for k in range(0, len(seqs), chunk):
+                part = {key: v[k : k + chunk].to(self.acc.device) for key, v in rollout.items()}
+                old[k : k + chunk] = self._logps(self.model, part)[0].float().cpu()
+                if self.reference is not None:
+                    ref[k : k + chunk] = self._ref_logps(part).float().cpu()
+                values[k : k + chunk] = self._values(part).float().cpu()
+        kl_tok = token_kl(old, ref, kind=p.kl_estimator) * mask if self.reference is not None else torch.zeros_like(old)
+        rewards = torch.zeros_like(old)
+        if p.kl_in == "reward":
+            rewards -= p.kl_coef * kl_tok
+        last = (scored.cumsum(-1) == scored.sum(-1, keepdim=True)) & (scored > 0)  # the last response token
+        rewards += last.float() * raw[:, None] * valid.float()[:, None]
+        adv, returns = self._gae(rewards, values, mask, gae, p)
+        if p.whiten_advantages and mask.sum() > 1:
+            adv = whiten(adv, mask)
+
+        rollout.update(old_logp=old, ref_logp=ref, adv=adv, returns=returns, old_values=values, mask=mask,
+                       gen_mask=scored, engine_logp=self._engine_logps(scored, engine_lp))
+        stats = self._rollout_stats(raw, valid, samples, components)
+        stats["kl"] = float(kl_tok.sum() / mask.sum().clamp(min=1))
+        # The engine against the trainer on the same weights (later updates have moved the policy on).
+        stats["logprob_mismatch"] = float(((old - rollout["engine_logp"]).abs() * scored).sum() / scored.sum().clamp(min=1))
+        result = {}
+        order_rng = torch.Generator().manual_seed(self.tcfg.seed * 100003 + self.state.step)
+        for _ in range(p.epochs):
+            order = torch.randperm(len(seqs), generator=order_rng).tolist()
+            for m in range(p.mini_batches):
+                rows = order[m :: p.mini_batches]
+                result = self._ppo_update(rollout, rows, value_loss, stats, started)
+                started = time.perf_counter()
+        return result
+
+    def _gae(self, rewards, values, mask, gae, p):
+        """GAE over each row's response tokens (shifted to the row's start, as ``gae`` expects)."""
+        n, width = mask.shape
+        starts = [int(row.nonzero()[0]) if row.any() else 0 for row in mask]
+        lengths = [int(row.sum()) for row in mask]
+        length = max(lengths + [1])
+        r, v, mk = torch.zeros(n, length), torch.zeros(n, length), torch.zeros(n, length)
+        for i, (s, ln) in enumerate(zip(starts, lengths)):
+            r[i, :ln], v[i, :ln], mk[i, :ln] = rewards[i, s : s + ln], values[i, s : s + ln], 1.0
+        a, ret = gae(r, v, mk, gamma=p.gamma, lam=p.lam)
+        adv, returns = torch.zeros(n, width), torch.zeros(n, width)
+        for i, (s, ln) in enumerate(zip(starts, lengths)):
+            adv[i, s : s + ln], returns[i, s : s + ln] = a[i, :ln], ret[i, :ln]
+        return adv, returns
+
+    def _engine_logps(self, scored, engine_lp) -> torch.Tensor:
+        lp = torch.zeros_like(scored)
+        for r, vals in enumerate(engine_lp):
+            if scored[r].any():
+                start = int(scored[r].nonzero()[0])
+                lp[r, start : start + len(vals)] = torch.tensor(vals, dtype=torch.float32)
+        return lp
+
+    def _values(self, batch: dict) -> torch.Tensor:
+        """V(s_t) per position t, aligned with the per-token log-probs (position t predicts token t + 1)."""
+        out = self.critic(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
+        return out.logits[..., 0][:, :-1]
+
+    def _ppo_update(self, rollout: dict, rows: list[int], value_loss, stats: dict, started: float) -> dict:
+        p = self.ocfg.ppo
+        mb_mask = rollout["mask"][rows]
+        (units,) = self._global_sum([float(mb_mask.sum())])
+        if units == 0:
+            return {"skipped_steps": self.state.skipped_steps}
+        sums = _MetricSums()
+        loss_sum = v_sum = 0.0
+        chunk = self.tcfg.batch_size
+        self.model.train()
+        self.critic.train()
+        for k in range(0, len(rows), chunk):
+            idx = rows[k : k + chunk]
+            part = {key: v[idx].to(self.acc.device) for key, v in rollout.items()}
+            with self.acc.autocast():
+                logp, logits = self._logps(self.model, part)
+                per_tok, clipped = clipped_surrogate(logp, part["old_logp"], part["adv"], clip_low=p.clip,
+                                                     clip_high=p.clip)
+                mask = part["mask"]
+                if p.kl_in == "loss" and self.reference is not None:
+                    per_tok = per_tok + p.kl_coef * token_kl(logp, part["ref_logp"], kind=p.kl_estimator)
+                loss, _ = aggregate(per_tok, mask, "token")
+                v_tok = value_loss(self._values(part), part["old_values"], part["returns"], clip=p.value_clip)
+                v_loss, _ = aggregate(v_tok, mask, "token")
+                self.acc.backward((loss + v_loss) * (self.world / units))
+            ent = entropy_from_logits(logits.detach()[:, :-1])
+            sums.add({"entropy": ((ent * mask).sum(), mask.sum()),
+                      "clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
+                      "value_loss": (v_loss.detach(), mask.sum())})
+            loss_sum += float(loss.detach())
+            v_sum += float(v_loss.detach())
+        sums.align(self.world)
+        reduced = self._global_sum([loss_sum, float(mb_mask.sum()), *sums.flat()])
+        if self.tcfg.max_grad_norm:
+            self.acc.clip_grad_norm_(self.critic.parameters(), self.tcfg.max_grad_norm)
+        self.critic_opt.step()
+        self.critic_opt.zero_grad(set_to_none=True)
+        step_metrics = {**sums.means(reduced[2:], units), **stats}
+        return self._apply_update(reduced[0] / units, step_metrics, reduced[1], started)
+
+    def _save_extra(self, folder: Path) -> None:
+        self.acc.unwrap_model(self.critic).save_pretrained(str(folder / "value_model"))
+        torch.save(self.critic_opt.state_dict(), folder / "value_optimizer.pt")
+
+    def _load_extra(self, folder: Path) -> None:
+        from posttrain.models.checkpoint import load_weights
+
+        load_weights(self.acc.unwrap_model(self.critic), folder / "value_model")
+        self.critic_opt.load_state_dict(torch.load(folder / "value_optimizer.pt", map_location="cpu",
+                                                   weights_only=False))

@@ -17,7 +17,7 @@ from posttrain.models.checkpoint import is_peft, save_model
 from posttrain.trainers.supervised import SupervisedMethod
 
 SUPERVISED = ("pretrain", "sft")
-ONLINE_METHODS = ("grpo", "rft", "online_dpo")
+ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
 
 
 def _versions() -> dict:
@@ -190,7 +190,7 @@ def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts
     from posttrain.data.templates import ChatEncoder
     from posttrain.generation import make_engine
     from posttrain.rl.rewards import build_rewards
-    from posttrain.trainers.online import OnlineTrainer, RftTrainer, check_rewards
+    from posttrain.trainers.online import OnlineTrainer, PpoTrainer, RftTrainer, check_rewards
     from posttrain.trainers.reference import Reference
 
     check_rewards(cfg)
@@ -215,9 +215,14 @@ def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts
         reference = Reference("live", load_model(cfg.model, cfg.tuning.mode).to(acc.device).eval().requires_grad_(False))
     elif mode == "adapters_off":
         reference = Reference("adapters_off")
-    cls = RftTrainer if cfg.method == "rft" else OnlineTrainer
+    kw = {}
+    if cfg.method == "ppo":
+        from posttrain.models.heads import load_value_model
+
+        kw["critic"] = load_value_model(cfg, tokenizer.pad_token_id)
+    cls = {"rft": RftTrainer, "ppo": PpoTrainer}.get(cfg.method, OnlineTrainer)
     return cls(cfg, acc, model, tokenizer, prompts, eval_prompts, rewards=rewards, engine=engine,
-               reference=reference, stop_ids=stop_ids, judge=judge, log=say)
+               reference=reference, stop_ids=stop_ids, judge=judge, log=say, **kw)
 
 
 def _set_end_of_turn(model, tokenizer, eot_id: int | None) -> None:

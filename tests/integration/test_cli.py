@@ -69,4 +69,4 @@ def test_recipes_are_valid_configs(recipe):
     from posttrain.config import load_config
 
     cfg = load_config(RECIPES / recipe)
-    assert cfg.method in ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "online_dpo", "rft")
+    assert cfg.method in ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "ppo", "grpo", "online_dpo", "rft")

@@ -132,3 +132,36 @@ def test_online_dpo_takes_pairwise_labels_from_a_judge_server(tmp_path, sft_mode
     assert seen, "the judge was never asked"
     assert any("rewards/margin" in m for m in steps)
     assert all("judge_undecided_frac" in m for m in steps if "loss" in m)
+
+
+def test_ppo_with_a_reward_model_trained_here(tmp_path, sft_model, prompt_data, preference_data):
+    from tests.conftest import preference_config
+
+    rm = run(preference_config(sft_model, preference_data, tmp_path / "rm", "reward",
+                               training={"max_steps": 10, "eval_steps": None}))
+    out = tmp_path / "ppo"
+    run(online_config(sft_model, prompt_data, out, "ppo",
+                      online={"rewards": [{"type": "reward_model", "path": str(rm)}],
+                              "ppo": {"epochs": 2, "mini_batches": 2}},
+                      training={"max_steps": 2, "save_steps": 1, "eval_steps": 2}))
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert len(steps) == 2
+    for key in ("reward", "kl", "value_loss", "clip_frac", "entropy", "response_length", "masked_frac"):
+        assert key in steps[-1], key
+    assert steps[-1]["logprob_mismatch"] < 1e-4 and steps[-1]["masked_frac"] == 0.0
+    assert "eval_reward/reward_model" in metrics(out)[-1]
+    ckpt = out / "checkpoints" / "step-1"
+    assert (ckpt / "value_model" / "config.json").is_file() and (ckpt / "value_optimizer.pt").is_file()
+    # Four updates per step (2 epochs x 2 mini-batches): the schedule counts all of them.
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed" and info["reference"] == "live"
+
+
+def test_ppo_resumes_with_its_value_model(tmp_path, sft_model, prompt_data):
+    cfg = online_config(sft_model, prompt_data, tmp_path / "ppo", "ppo",
+                        online={"rewards": [{"type": "length_penalty", "max_chars": 2}]},
+                        training={"max_steps": 2, "save_steps": 1, "eval_steps": None})
+    run(cfg)
+    cfg["training"]["max_steps"] = 3
+    run(cfg, resume=True)
+    assert [m["step"] for m in metrics(tmp_path / "ppo") if "loss" in m] == [1, 2, 3]
