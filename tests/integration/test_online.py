@@ -165,3 +165,17 @@ def test_ppo_resumes_with_its_value_model(tmp_path, sft_model, prompt_data):
     cfg["training"]["max_steps"] = 3
     run(cfg, resume=True)
     assert [m["step"] for m in metrics(tmp_path / "ppo") if "loss" in m] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("method", ["grpo", "online_dpo", "ppo"])
+def test_online_methods_raise_a_learnable_reward(tmp_path, sft_model, prompt_data, method):
+    """A length reward (-1 per character beyond one) is learnable even by the tiny model: the mean reward rises."""
+    out = tmp_path / method
+    run(online_config(sft_model, prompt_data, out, method,
+                      online={"rewards": [{"type": "length_penalty", "max_chars": 1, "per_unit": 1.0}],
+                              "grpo": {"group_size": 8}, "online_dpo": {"samples_per_prompt": 4},
+                              "ppo": {"samples_per_prompt": 4, "kl_coef": 0.0}},
+                      training={"max_steps": 16, "batch_size": 8, "eval_steps": 16, "logging_steps": 4}))
+    steps = [m for m in metrics(out) if "reward" in m]
+    assert steps[-1]["reward"] > steps[0]["reward"] + 0.5, [m["reward"] for m in steps]
+    assert steps[-1]["response_length"] < steps[0]["response_length"]
