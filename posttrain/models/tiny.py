@@ -47,7 +47,7 @@ _BYTE_ALPHABET_SIZE = 256
 
 
 def build_tokenizer(
-    corpus: Iterable[str], vocab_size: int = 1024, model_max_length: int = 1024
+    corpus: Iterable[str], vocab_size: int = 1024, model_max_length: int = 1024, split_digits: bool = False
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``corpus`` and wrap it as a ``PreTrainedTokenizerFast``.
 
@@ -62,6 +62,11 @@ def build_tokenizer(
         )
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        # One token per digit, as in Llama and Qwen: arithmetic becomes learnable digit by digit.
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
     backend.decoder = decoders.ByteLevel()
     # Untrimmed offsets: each character of the text lies in exactly one token's
     # span (leading spaces included), which assistant-span masking relies on.
@@ -98,6 +103,7 @@ def build_tiny_model(
     tie_embeddings: bool = True,
     seed: int = 0,
     overwrite: bool = False,
+    split_digits: bool = False,
 ) -> Path:
     """Save a randomly initialised ``LlamaForCausalLM`` with its tokenizer into ``out_dir``.
 
@@ -116,7 +122,7 @@ def build_tiny_model(
     if heads % kv_heads:
         raise PosttrainError(f"build_tiny_model: heads={heads} must be divisible by kv_heads={kv_heads}")
 
-    tokenizer = build_tokenizer(tokenizer_corpus(), vocab_size, model_max_length=max_position)
+    tokenizer = build_tokenizer(tokenizer_corpus(), vocab_size, model_max_length=max_position, split_digits=split_digits)
     im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

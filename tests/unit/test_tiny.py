@@ -179,3 +179,13 @@ def test_empty_existing_dir_is_fine(tmp_path):
     target.mkdir()
     assert build_tiny_model(target) == target
     assert (target / "tokenizer.json").is_file()
+
+
+def test_split_digits_gives_one_token_per_digit():
+    from posttrain.data.synthetic import tokenizer_corpus
+    from posttrain.models.tiny import build_tokenizer
+
+    tok = build_tokenizer(tokenizer_corpus(), 512, split_digits=True)
+    pieces = tok.tokenize("What is 105 + 27?")
+    assert [p for p in pieces if p.strip("Ġ").isdigit()] == ["1", "0", "5", "2", "7"]
+    assert tok.decode(tok("What is 105 + 27?")["input_ids"]) == "What is 105 + 27?"
