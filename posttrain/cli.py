@@ -17,7 +17,7 @@ def _tiny_model(args) -> None:
     path = build_tiny_model(
         args.out_dir, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
         intermediate=args.intermediate, vocab_size=args.vocab_size, max_position=args.max_position,
-        seed=args.seed, overwrite=args.overwrite,
+        seed=args.seed, overwrite=args.overwrite, split_digits=args.split_digits,
     )
     print(f"tiny model written to {path}")
 
@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-position", type=int, default=1024)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    t.add_argument("--split-digits", action="store_true", help="one token per digit (arithmetic tasks)")
     t.set_defaults(func=_tiny_model)
 
     tr = sub.add_parser(
