@@ -268,6 +268,9 @@ class RunConfig(_Section):
         if self.method in ONLINE_METHODS:
             if not self.online.rewards and not (self.method == "online_dpo" and self.online.online_dpo.judge):
                 raise ValueError(f"method {self.method} needs online.rewards (e.g. [{{type: exact_match}}])")
+            odpo = self.online.online_dpo
+            if self.method == "online_dpo" and odpo.judge and odpo.samples_per_prompt != 2:
+                raise ValueError("online.online_dpo.judge compares two samples: set online.online_dpo.samples_per_prompt=2")
             if ref == "precomputed":
                 raise ValueError("preference.reference=precomputed: online samples are new every step; use live")
         if ref == "auto":

@@ -291,7 +291,8 @@ class Trainer:
             loss_sum += float(loss.detach())
             metric_sums.add(metrics)
         totals = self._global_sum([loss_sum, float(tokens), *metric_sums.flat()])
-        return self._apply_update(totals[0] / global_units, metric_sums.means(totals[2:], global_units), totals[1], started)
+        step_metrics = metric_sums.means(totals[2:], global_units)
+        return self._apply_update(totals[0] / global_units, step_metrics, totals[1], started)
 
     def _apply_update(self, step_loss: float, step_metrics: dict, global_tokens: float, started: float) -> dict:
         """Clip, check and apply the accumulated gradients as one optimizer step; add it to the logging window."""

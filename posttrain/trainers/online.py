@@ -14,6 +14,7 @@ takes no part in the loss or in its group's statistics, and is counted in ``mask
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -33,7 +34,7 @@ from posttrain.models.logprobs import per_token_logps
 from posttrain.rl.advantages import group_advantages
 from posttrain.rl.rewards.base import RewardInput
 from posttrain.trainers.loop import Trainer, _MetricSums
-from posttrain.trainers.reference import Reference, _unwrap, forward_inputs
+from posttrain.trainers.reference import Reference, forward_inputs, unwrap
 
 
 class _PromptsMethod:
@@ -79,7 +80,7 @@ class OnlineTrainer(Trainer):
         gen = self.ocfg.generation
         params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=0.0 if greedy else gen.temperature,
                                 top_p=1.0 if greedy else gen.top_p, n=n)
-        self.engine.sync_weights(_unwrap(self.model))
+        self.engine.sync_weights(unwrap(self.model))
         return self.engine.generate([p["prompt_ids"] for p in prompts], params)
 
     def _score(self, prompts: list[dict], samples: list[list]) -> tuple[list[float | None], dict]:
@@ -97,6 +98,20 @@ class OnlineTrainer(Trainer):
                 ids = p["prompt_ids"] + g.completion_ids
                 out.append((ids, [IGNORE_INDEX] * len(p["prompt_ids"]) + list(g.completion_ids)))
         return out
+
+    @staticmethod
+    def _engine_logps(scored: torch.Tensor, engine_lp: list[list[float]]) -> torch.Tensor:
+        """The engine's log-probs of each sample's tokens, laid out like the trainer's per-token log-probs."""
+        lp = torch.zeros_like(scored)
+        for r, vals in enumerate(engine_lp):
+            if scored[r].any():
+                start = int(scored[r].nonzero()[0])
+                lp[r, start : start + len(vals)] = torch.tensor(vals, dtype=torch.float32)
+        return lp
+
+    def _ref_logps(self, batch: dict) -> torch.Tensor:
+        """Per-token reference log-probs at the sampling temperature."""
+        return self.reference.token_logps(self.model, forward_inputs(batch), batch["labels"], self.temperature)
 
     def _logps(self, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs of the sampled tokens at the sampling temperature, and the logits."""
@@ -128,7 +143,7 @@ class OnlineTrainer(Trainer):
                 if len(grp) and bool((grp == grp[0]).all()):
                     keep[k : k + g.group_size] = False
         seqs = self._sequences(prompts, samples)
-        engine_lp = [lp for gs in samples for s in gs for lp in [s.logprobs]]
+        engine_lp = [s.logprobs for gs in samples for s in gs]
         micro = self._micro(seqs, adv, keep, engine_lp)
 
         self.model.train()
@@ -144,14 +159,17 @@ class OnlineTrainer(Trainer):
         units_local = sum(aggregate(torch.zeros_like(b["mask"]), b["mask"], mode,
                                     max_tokens=self.ocfg.generation.max_new_tokens)[1] for b in micro)
         rollout_stats = self._rollout_stats(raw, valid, samples, components)
+        (global_units,) = self._global_sum([float(units_local)])
+        if global_units == 0:  # every group dropped or masked: nothing to learn from this batch
+            self.log(f"step {self.state.step + 1}: no sample carried a learning signal; no update")
+            return {"skipped_steps": self.state.skipped_steps}
         result = {}
-        for _ in range(self.updates_per_step):
-            (global_units,) = self._global_sum([float(units_local)])
+        for update in range(self.updates_per_step):
             sums = _MetricSums()
             loss_sum = tokens = 0.0
             for j, b in enumerate(micro):
                 on = {k: v.to(self.acc.device) for k, v in b.items()}
-                sync = self.acc.no_sync(self.model) if j < len(micro) - 1 else _null()
+                sync = self.acc.no_sync(self.model) if j < len(micro) - 1 else contextlib.nullcontext()
                 with sync, self.acc.autocast():
                     logp, logits = self._logps(self.model, on)
                     old = on["old_logp"] if "old_logp" in on else logp.detach()
@@ -164,21 +182,18 @@ class OnlineTrainer(Trainer):
                         per_tok = per_tok + g.kl_coef * kl
                         metrics["kl"] = ((kl.detach() * mask).sum(), mask.sum())
                     loss, _ = aggregate(per_tok, mask, mode, max_tokens=self.ocfg.generation.max_new_tokens)
-                    if global_units > 0:
-                        self.acc.backward(loss * (self.world / global_units))
+                    self.acc.backward(loss * (self.world / global_units))
                 ent = entropy_from_logits(logits.detach()[:, :-1])
                 metrics["entropy"] = ((ent * mask).sum(), mask.sum())
                 metrics["clip_frac"] = ((clipped.float() * mask).sum(), mask.sum())
-                metrics["logprob_mismatch"] = (((logp.detach() - on["engine_logp"]).abs() * on["gen_mask"]).sum(),
-                                               on["gen_mask"].sum())
+                if update == 0:  # the engine against the trainer on the same weights, before any update
+                    metrics["logprob_mismatch"] = (
+                        ((logp.detach() - on["engine_logp"]).abs() * on["gen_mask"]).sum(), on["gen_mask"].sum()
+                    )
                 sums.add(metrics)
                 loss_sum += float(loss.detach())
                 tokens += float(mask.sum())
             reduced = self._global_sum([loss_sum, tokens, *sums.flat()])
-            if global_units == 0:  # every group dropped or masked: nothing to learn from this batch
-                self.optimizer.zero_grad(set_to_none=True)
-                self.log(f"step {self.state.step + 1}: no sample carried a learning signal; no update")
-                return {"skipped_steps": self.state.skipped_steps}
             step_metrics = {**sums.means(reduced[2:], global_units), **rollout_stats}
             result = self._apply_update(reduced[0] / global_units, step_metrics, reduced[1], started)
         return result
@@ -206,27 +221,9 @@ class OnlineTrainer(Trainer):
             b["mask"] = scored * keep[idx].float()[:, None]
             b["gen_mask"] = scored
             b["adv"] = adv[idx]
-            lp = torch.zeros_like(scored)
-            for r, i in enumerate(idx):
-                start = int(scored[r].nonzero()[0]) if scored[r].any() else 0
-                vals = torch.tensor(engine_lp[i], dtype=torch.float32)
-                lp[r, start : start + len(vals)] = vals
-            b["engine_logp"] = lp
+            b["engine_logp"] = self._engine_logps(scored, [engine_lp[i] for i in idx])
             out.append(b)
         return out
-
-    def _ref_logps(self, batch: dict) -> torch.Tensor:
-        """Per-token reference log-probs at the sampling temperature."""
-        ref_model = self.reference.model if self.reference.mode == "live" else _unwrap(self.model)
-        ctx = ref_model.disable_adapter() if self.reference.mode == "adapters_off" else _null()
-        was = ref_model.training
-        ref_model.eval()
-        try:
-            with ctx:
-                logits = ref_model(**forward_inputs(batch), use_cache=False).logits
-        finally:
-            ref_model.train(was)
-        return per_token_logps(logits / self.temperature, batch["labels"])
 
     def _rollout_stats(self, raw, valid, samples, components) -> dict:
         vals = raw[valid]
@@ -324,12 +321,12 @@ class OnlineTrainer(Trainer):
         prompts = [self.eval_set.row(r) for r in range(len(self.eval_set))][self.acc.process_index :: self.world]
         samples = self._sample(prompts, 1, greedy=True) if prompts else []
         totals, components = self._score(prompts, samples) if prompts else ([], {})
-        names = sorted(components)
+        names = self.rewards.names  # the same on every process, even one with no eval prompt
         local = [sum(t for t in totals if t is not None), float(sum(t is not None for t in totals)), float(len(totals))]
         for name in names:
-            ok = [v for v in components[name] if v is not None]
+            ok = [v for v in components.get(name, []) if v is not None]
             local += [sum(ok), float(len(ok))]
-        reduced = self._global_sum(local) if self.world > 1 or prompts else local
+        reduced = self._global_sum(local)
         out = {}
         if reduced[1] > 0:
             out["eval_reward"] = reduced[0] / reduced[1]
@@ -348,19 +345,6 @@ class OnlineTrainer(Trainer):
                  "completion": gs[0].text, "reward": t} for p, gs, t in zip(prompts, samples, totals)]
         path = Path(self.cfg.output_dir) / "samples" / f"step-{self.state.step}.jsonl"
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows[:64]))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
-def check_rewards(cfg: RunConfig) -> None:
-    if cfg.method == "online_dpo" and cfg.online.online_dpo.judge and cfg.online.online_dpo.samples_per_prompt != 2:
-        raise PosttrainError("online.online_dpo.judge compares two samples: set online.online_dpo.samples_per_prompt=2")
 
 
 class RftTrainer(OnlineTrainer):
@@ -523,7 +507,8 @@ class PpoTrainer(OnlineTrainer):
         stats = self._rollout_stats(raw, valid, samples, components)
         stats["kl"] = float(kl_tok.sum() / mask.sum().clamp(min=1))
         # The engine against the trainer on the same weights (later updates have moved the policy on).
-        stats["logprob_mismatch"] = float(((old - rollout["engine_logp"]).abs() * scored).sum() / scored.sum().clamp(min=1))
+        mismatch = ((old - rollout["engine_logp"]).abs() * scored).sum() / scored.sum().clamp(min=1)
+        stats["logprob_mismatch"] = float(mismatch)
         result = {}
         order_rng = torch.Generator().manual_seed(self.tcfg.seed * 100003 + self.state.step)
         for _ in range(p.epochs):
@@ -549,14 +534,6 @@ class PpoTrainer(OnlineTrainer):
             adv[i, s : s + ln], returns[i, s : s + ln] = a[i, :ln], ret[i, :ln]
         return adv, returns
 
-    def _engine_logps(self, scored, engine_lp) -> torch.Tensor:
-        lp = torch.zeros_like(scored)
-        for r, vals in enumerate(engine_lp):
-            if scored[r].any():
-                start = int(scored[r].nonzero()[0])
-                lp[r, start : start + len(vals)] = torch.tensor(vals, dtype=torch.float32)
-        return lp
-
     def _values(self, batch: dict) -> torch.Tensor:
         """V(s_t) per position t, aligned with the per-token log-probs (position t predicts token t + 1)."""
         out = self.critic(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False)
@@ -569,7 +546,7 @@ class PpoTrainer(OnlineTrainer):
         if units == 0:
             return {"skipped_steps": self.state.skipped_steps}
         sums = _MetricSums()
-        loss_sum = v_sum = 0.0
+        loss_sum = 0.0
         chunk = self.tcfg.batch_size
         self.model.train()
         self.critic.train()
@@ -592,7 +569,6 @@ class PpoTrainer(OnlineTrainer):
                       "clip_frac": ((clipped.float() * mask).sum(), mask.sum()),
                       "value_loss": (v_loss.detach(), mask.sum())})
             loss_sum += float(loss.detach())
-            v_sum += float(v_loss.detach())
         sums.align(self.world)
         reduced = self._global_sum([loss_sum, float(mb_mask.sum()), *sums.flat()])
         if self.tcfg.max_grad_norm:

@@ -179,9 +179,9 @@ class FeedbackMethod:
 
     @torch.no_grad()
     def prepare_step(self, model, batches: list[dict], global_sum) -> None:
-        from posttrain.trainers.reference import _unwrap
+        from posttrain.trainers.reference import unwrap
 
-        policy = _unwrap(model)
+        policy = unwrap(model)
         device = next(policy.parameters()).device
         diff = count = 0.0
         for batch in batches:

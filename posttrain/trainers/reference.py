@@ -22,7 +22,7 @@ import torch
 
 from posttrain.io import atomic_write_bytes
 from posttrain.models.checkpoint import is_peft
-from posttrain.models.logprobs import sequence_logps
+from posttrain.models.logprobs import per_token_logps, sequence_logps
 
 
 # Bump when the way reference log-probs are computed changes, so stale caches are never reused.
@@ -34,7 +34,7 @@ def forward_inputs(batch: dict, prefix: str = "") -> dict:
     return {k: batch[prefix + k] for k in keys if prefix + k in batch}
 
 
-def _unwrap(model):
+def unwrap(model):
     from accelerate.utils import extract_model_from_parallel
 
     return extract_model_from_parallel(model)
@@ -50,8 +50,9 @@ class Reference:
         self.model = model
 
     @torch.no_grad()
-    def logps(self, policy, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        model = self.model if self.mode == "live" else _unwrap(policy)
+    def token_logps(self, policy, inputs: dict, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """(B, T-1) reference log-probs of each labelled token, 0 elsewhere; ``temperature`` divides the logits."""
+        model = self.model if self.mode == "live" else unwrap(policy)
         ctx = model.disable_adapter() if self.mode == "adapters_off" else contextlib.nullcontext()
         was_training = model.training
         model.eval()  # the reference is the model without dropout
@@ -60,7 +61,11 @@ class Reference:
                 logits = model(**inputs, use_cache=False).logits
         finally:
             model.train(was_training)
-        return sequence_logps(logits, labels)[0]
+        return per_token_logps(logits / temperature if temperature != 1.0 else logits, labels)
+
+    def logps(self, policy, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) reference log-probs of each sequence's labelled tokens."""
+        return self.token_logps(policy, inputs, labels).sum(-1)
 
 
 def scorer(model):

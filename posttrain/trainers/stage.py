@@ -159,21 +159,12 @@ def _method(cfg: RunConfig, acc, model, tokenizer, sets: dict, data_fingerprint:
     """
     from posttrain.data.dataset import cache_folder
     from posttrain.trainers.preference import make_method
-    from posttrain.trainers.reference import Reference, attach_precomputed
+    from posttrain.trainers.reference import attach_precomputed
 
     if cfg.method in SUPERVISED:
         return SupervisedMethod(tokenizer.pad_token_id)
-    mode = cfg.reference_mode()
-    reference = None
-    if mode == "live":
-        from posttrain.models.load import load_model
-
-        ref_model = load_model(cfg.model, cfg.tuning.mode).to(acc.device).eval().requires_grad_(False)
-        reference = Reference("live", ref_model)
-    elif mode == "adapters_off":
-        reference = Reference("adapters_off")
-    method = make_method(cfg, tokenizer.pad_token_id, reference)
-    if mode == "precomputed":
+    method = make_method(cfg, tokenizer.pad_token_id, _reference(cfg, acc))
+    if cfg.reference_mode() == "precomputed":
         settings = f"{cfg.training.mixed_precision}|{cfg.model.attn_implementation}|{acc.device.type}"
         attach_precomputed(
             sets, method, model, cache_folder(cfg.data, data_fingerprint), settings=settings,
@@ -185,15 +176,25 @@ def _method(cfg: RunConfig, acc, model, tokenizer, sets: dict, data_fingerprint:
     return method
 
 
+def _reference(cfg: RunConfig, acc):
+    """The reference scored during training (a live frozen copy, or the policy with adapters off), or None."""
+    from posttrain.trainers.reference import Reference
+
+    mode = cfg.reference_mode()
+    if mode == "live":
+        from posttrain.models.load import load_model
+
+        return Reference("live", load_model(cfg.model, cfg.tuning.mode).to(acc.device).eval().requires_grad_(False))
+    return Reference("adapters_off") if mode == "adapters_off" else None
+
+
 def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts, say):
     """The rollout -> reward -> update trainer, with its generation engine, rewards and reference."""
     from posttrain.data.templates import ChatEncoder
     from posttrain.generation import make_engine
-    from posttrain.rl.rewards import build_rewards
-    from posttrain.trainers.online import OnlineTrainer, PpoTrainer, RftTrainer, check_rewards
-    from posttrain.trainers.reference import Reference
+    from posttrain.rl.rewards import build_reward, build_rewards
+    from posttrain.trainers.online import OnlineTrainer, PpoTrainer, RftTrainer
 
-    check_rewards(cfg)
     eot = ChatEncoder(tokenizer).end_of_turn_id
     stop_ids = list(dict.fromkeys(i for i in (eot, tokenizer.eos_token_id) if i is not None))
     gen = cfg.online.generation
@@ -202,19 +203,17 @@ def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts
     rewards = build_rewards(cfg.online.rewards) if cfg.online.rewards else None
     judge = None
     if cfg.method == "online_dpo" and cfg.online.online_dpo.judge:
-        from posttrain.rl.rewards.judge import JudgeClient, PairwiseJudge
+        from posttrain.rl.rewards.judge import PairwiseJudge
 
-        spec = dict(cfg.online.online_dpo.judge)
-        rubric = spec.pop("rubric", "Which response answers the question correctly and helpfully?")
-        judge = PairwiseJudge(JudgeClient(**spec), rubric)
-    mode = cfg.reference_mode()
-    reference = None
-    if mode == "live":
-        from posttrain.models.load import load_model
-
-        reference = Reference("live", load_model(cfg.model, cfg.tuning.mode).to(acc.device).eval().requires_grad_(False))
-    elif mode == "adapters_off":
-        reference = Reference("adapters_off")
+        # The judge reward's builder checks the fields (base_url, model, api_key_env, ...) and makes the client.
+        spec = {"rubric": "Which response answers the question correctly and helpfully?",
+                **cfg.online.online_dpo.judge, "type": "judge"}
+        try:
+            client = build_reward(spec).client
+        except PosttrainError as exc:
+            raise PosttrainError(f"online.online_dpo.judge: {exc}") from None
+        judge = PairwiseJudge(client, spec["rubric"])
+    reference = _reference(cfg, acc)
     kw = {}
     if cfg.method == "ppo":
         from posttrain.models.heads import load_value_model

@@ -179,3 +179,17 @@ def test_online_methods_raise_a_learnable_reward(tmp_path, sft_model, prompt_dat
     steps = [m for m in metrics(out) if "reward" in m]
     assert steps[-1]["reward"] > steps[0]["reward"] + 0.5, [m["reward"] for m in steps]
     assert steps[-1]["response_length"] < steps[0]["response_length"]
+
+
+def test_judge_settings_are_checked_before_training(tmp_path, sft_model, prompt_data):
+    from posttrain.config import load_config
+    from posttrain.errors import ConfigError, PosttrainError
+
+    judge = {"base_url": "http://127.0.0.1:9/v1", "model": "judge", "api_key_env": "POSTTRAIN_TEST_UNSET_KEY"}
+    cfg = online_config(sft_model, prompt_data, tmp_path / "j", "online_dpo",
+                        online={"rewards": [], "online_dpo": {"judge": judge}})
+    with pytest.raises(PosttrainError, match=r"online\.online_dpo\.judge: .*POSTTRAIN_TEST_UNSET_KEY is not set"):
+        run(cfg)
+    cfg["online"]["online_dpo"]["samples_per_prompt"] = 4
+    with pytest.raises(ConfigError, match="compares two samples"):
+        load_config(None, raw=cfg)

@@ -47,7 +47,7 @@ def test_kto_reference_point_is_the_mean_over_all_micro_batches(monkeypatch):
     policy_kl = {0: -0.5, 1: -1.0, 2: -1.5}  # log pi of each example's mismatched pair
     calls = iter([torch.tensor([policy_kl[0], policy_kl[1]]), torch.tensor([policy_kl[2]])])
     monkeypatch.setattr(pref, "sequence_logps", lambda logits, labels: (next(calls), None))
-    monkeypatch.setattr("posttrain.trainers.reference._unwrap", lambda m: m)
+    monkeypatch.setattr("posttrain.trainers.reference.unwrap", lambda m: m)
 
     class Policy(torch.nn.Module):
         def __init__(self):
