@@ -44,32 +44,31 @@ def _pair_metrics(chosen_rewards, rejected_rewards, pc, pr) -> dict:
     return out
 
 
-def _dpo(cfg: RunConfig, pc, pr, nc, nr, ref, batch):
+def _with_nll(losses, metrics: dict, pc, nc, weight: float):
+    """Add weight x the chosen answer's per-token NLL (RPO): keeps it likely while the margin grows."""
+    if weight > 0:
+        nll = -pc / nc
+        losses = losses + weight * nll
+        metrics["nll"] = nll.detach().sum()
+    return losses, metrics
+
+
+def _dpo(cfg: RunConfig, pc, pr, nc, nr, ref):
     d = cfg.preference.dpo
     losses, cr, rr = dpo_loss(
         pc, pr, ref[:, 0], ref[:, 1],
         beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing, smoothing=d.smoothing,
     )
-    metrics = _pair_metrics(cr, rr, pc, pr)
-    if d.nll_weight > 0:  # RPO: keep the chosen answer likely while the margin grows
-        nll = -pc / nc
-        losses = losses + d.nll_weight * nll
-        metrics["nll"] = nll.detach().sum()
-    return losses, metrics
+    return _with_nll(losses, _pair_metrics(cr, rr, pc, pr), pc, nc, d.nll_weight)
 
 
-def _simpo(cfg: RunConfig, pc, pr, nc, nr, ref, batch):
+def _simpo(cfg: RunConfig, pc, pr, nc, nr, ref):
     s = cfg.preference.simpo
     losses, cr, rr = simpo_loss(pc, pr, nc, nr, beta=s.beta, gamma=s.gamma)
-    metrics = _pair_metrics(cr, rr, pc, pr)
-    if s.nll_weight > 0:
-        nll = -pc / nc
-        losses = losses + s.nll_weight * nll
-        metrics["nll"] = nll.detach().sum()
-    return losses, metrics
+    return _with_nll(losses, _pair_metrics(cr, rr, pc, pr), pc, nc, s.nll_weight)
 
 
-def _orpo(cfg: RunConfig, pc, pr, nc, nr, ref, batch):
+def _orpo(cfg: RunConfig, pc, pr, nc, nr, ref):
     losses, nll, or_loss, cr, rr = orpo_loss(pc, pr, nc, nr, lam=cfg.preference.orpo.lam)
     metrics = _pair_metrics(cr, rr, pc, pr)
     metrics["nll"] = nll.detach().sum()
@@ -119,7 +118,7 @@ class PairMethod:
             ref = self.reference_logps(lambda i, lab: self.reference.logps(model, i, lab), batch)
         elif "ref" in batch:
             ref = batch["ref"]
-        losses, metrics = PAIR_LOSSES[self.name](self.cfg, pc, pr, nc.float(), nr.float(), ref, batch)
+        losses, metrics = PAIR_LOSSES[self.name](self.cfg, pc, pr, nc.float(), nr.float(), ref)
         return losses.sum(), metrics
 
     def _reward_loss(self, model, batch):

@@ -209,3 +209,15 @@ def test_over_long_pairs_are_dropped_and_counted(tmp_path, sft_model, preference
     assert report["dropped"] == {"too long": 1}
     assert report["notes"]["reject_reason: wrong answer"] == 399 + 80  # kept train and eval pairs
     assert torch.isfinite(torch.tensor(metrics(out)[0]["loss"]))
+
+
+def test_nll_term_adds_the_chosen_per_token_nll(tmp_path, sft_model, preference_data):
+    """RPO: the first step's loss (policy = reference) is log 2 + weight x the chosen answers' per-token NLL."""
+    import math
+
+    out = tmp_path / "rpo"
+    run(preference_config(sft_model, preference_data, out, "dpo", preference={"dpo": {"nll_weight": 0.5}},
+                          training={"max_steps": 1, "eval_steps": None, "logging_steps": 1}))
+    first = metrics(out)[0]
+    assert first["nll"] > 0.1
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["nll"], rel=1e-5)
