@@ -254,7 +254,7 @@ REFERENCE_METHODS = ("dpo", "kto", "online_dpo", "grpo", "ppo")
 
 class RunConfig(_Section):
     model: ModelConfig
-    method: Literal["pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo", "ppo"]
+    method: Literal[METHODS]
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from posttrain.config import DataConfig, DataSource
+from posttrain.config import ONLINE_METHODS, DataConfig, DataSource
 from posttrain.data.formats import Example
 from posttrain.data.packing import pack_best_fit
 from posttrain.data.pairs import FEEDBACK_METHODS, PAIR_METHODS, PairEncoder, set_type, to_set
@@ -45,7 +45,6 @@ METHOD_FORMATS = {
     "online_dpo": ("prompt",),
     "ppo": ("prompt",),
 }
-ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
 
 
 @dataclass

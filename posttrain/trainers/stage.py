@@ -10,14 +10,13 @@ import time
 from pathlib import Path
 
 from posttrain import __version__
-from posttrain.config import RunConfig, dump_config
+from posttrain.config import ONLINE_METHODS, RunConfig, dump_config
 from posttrain.errors import PosttrainError
 from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models.checkpoint import is_peft, save_model
 from posttrain.trainers.supervised import SupervisedMethod
 
 SUPERVISED = ("pretrain", "sft")
-ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
 
 
 def _versions() -> dict:
