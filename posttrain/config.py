@@ -236,6 +236,10 @@ class PpoConfig(_Section):
     epochs: int = Field(2, ge=1, description="passes over each rollout batch")
     mini_batches: int = Field(2, ge=1, description="optimizer updates per pass")
     whiten_advantages: bool = True
+    whiten_rewards: bool = Field(
+        True, description="scale each rollout's scores to mean 0, std 1 (over all processes) before the KL penalty: "
+        "kl_coef and value_clip then mean the same for any reward scale (a reward model's scores are arbitrary)"
+    )
 
 
 class OnlineConfig(_Section):

@@ -464,6 +464,16 @@ class PpoTrainer(OnlineTrainer):
                                        betas=(self.tcfg.adam_beta1, self.tcfg.adam_beta2), eps=self.tcfg.adam_eps)
         self.critic, self.critic_opt = accelerator.prepare(critic, critic_opt)
 
+    def _whiten_scores(self, raw: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The rollout's scores at mean 0 and std 1 over the valid samples of every process."""
+        vals = raw[valid].double()
+        n, total, squares = self._global_sum([float(len(vals)), float(vals.sum()), float((vals**2).sum())])
+        if n < 2:
+            return raw
+        mean = total / n
+        std = math.sqrt(max(squares / n - mean**2, 0.0) * n / (n - 1))
+        return (raw - mean) / (std + 1e-6)
+
     def _train_step(self, global_batch: list[int]) -> dict:
         from posttrain.losses.policy import value_loss
         from posttrain.rl.advantages import gae, whiten
@@ -493,11 +503,12 @@ class PpoTrainer(OnlineTrainer):
                     ref[k : k + chunk] = self._ref_logps(part).float().cpu()
                 values[k : k + chunk] = self._values(part).float().cpu()
         kl_tok = token_kl(old, ref, kind=p.kl_estimator) * mask if self.reference is not None else torch.zeros_like(old)
+        scores = self._whiten_scores(raw, valid) if p.whiten_rewards else raw
         rewards = torch.zeros_like(old)
         if p.kl_in == "reward":
             rewards -= p.kl_coef * kl_tok
         last = (scored.cumsum(-1) == scored.sum(-1, keepdim=True)) & (scored > 0)  # the last response token
-        rewards += last.float() * raw[:, None] * valid.float()[:, None]
+        rewards += last.float() * scores[:, None] * valid.float()[:, None]
         adv, returns = self._gae(rewards, values, mask, gae, p)
         if p.whiten_advantages and mask.sum() > 1:
             adv = whiten(adv, mask)

@@ -193,3 +193,18 @@ def test_judge_settings_are_checked_before_training(tmp_path, sft_model, prompt_
     cfg["online"]["online_dpo"]["samples_per_prompt"] = 4
     with pytest.raises(ConfigError, match="compares two samples"):
         load_config(None, raw=cfg)
+
+
+def test_ppo_whitened_rewards_make_the_reward_scale_irrelevant(tmp_path, sft_model, prompt_data):
+    """With online.ppo.whiten_rewards a reward x100 trains exactly as the reward itself; without, it does not."""
+    def losses_for(per_unit, whiten):
+        out = tmp_path / f"ppo-{per_unit}-{whiten}"
+        run(online_config(sft_model, prompt_data, out, "ppo",
+                          online={"rewards": [{"type": "length_penalty", "max_chars": 1, "per_unit": per_unit}],
+                                  "ppo": {"whiten_rewards": whiten}},
+                          training={"max_steps": 2, "eval_steps": None}))
+        return [m["loss"] for m in metrics(out) if "loss" in m]
+
+    base, scaled = losses_for(1.0, True), losses_for(100.0, True)
+    assert base == pytest.approx(scaled, rel=1e-4)
+    assert losses_for(100.0, False) != pytest.approx(base, rel=1e-2)

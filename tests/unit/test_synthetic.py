@@ -187,6 +187,23 @@ def test_larger_task_and_wrong_answers_are_checkable():
         assert wrong_answer("larger", answer, rng) != answer
 
 
+def test_largest_task_and_wrong_answers_are_checkable():
+    import random
+
+    from posttrain.data.synthetic.tasks import largest, wrong_answer
+
+    rng = random.Random(0)
+    above = 0
+    for _ in range(200):
+        prompt, answer = largest(rng)
+        digits = [int(x) for x in prompt.removeprefix("What is the largest of ").removesuffix("?").split(", ")]
+        assert len(set(digits)) == 4 and answer == str(max(digits))
+        wrong = wrong_answer("largest", answer, rng)
+        assert wrong != answer and wrong.isdigit() and len(wrong) == 1
+        above += int(wrong) > int(answer)
+    assert 60 < above < 160  # digits above the largest (absent from the list) are a common wrong answer
+
+
 def test_prompt_rows_carry_the_answer_for_rewards():
     from posttrain.data.synthetic import make_prompt_rows
 

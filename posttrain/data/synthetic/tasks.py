@@ -54,15 +54,29 @@ def larger(rng: random.Random) -> tuple[str, str]:
     return f"Which is larger, {a} or {b}?", str(max(a, b))
 
 
+def largest(rng: random.Random) -> tuple[str, str]:
+    digits = rng.sample(range(10), 4)
+    return f"What is the largest of {', '.join(map(str, digits))}?", str(max(digits))
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "add": add,
     "reverse": reverse,
     "upper": upper,
     "count": count,
     "larger": larger,
+    "largest": largest,
 }
 
 FORMATS = ("messages", "alpaca")
+
+
+def _wrong_largest(answer: int, rng: random.Random) -> str:
+    # Half the time a digit above the largest (so not in the list), the mistake models make most.
+    above = list(range(answer + 1, 10))
+    if above and rng.random() < 0.5:
+        return str(rng.choice(above))
+    return str(rng.choice([d for d in range(10) if d != answer]))
 
 
 def _swap_two(text: str, rng: random.Random) -> str:
@@ -78,6 +92,7 @@ WRONG: dict[str, Callable[[str, random.Random], str]] = {
     "upper": lambda ans, rng: ans.lower() if rng.random() < 0.5 else ans.title(),
     "count": lambda ans, rng: str(int(ans) + 1 if int(ans) == 0 or rng.random() < 0.5 else int(ans) - 1),
     "larger": lambda ans, rng: str(int(ans) - rng.randint(1, 9)),
+    "largest": lambda ans, rng: _wrong_largest(int(ans), rng),
 }
 
 
