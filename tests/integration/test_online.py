@@ -208,3 +208,40 @@ def test_ppo_whitened_rewards_make_the_reward_scale_irrelevant(tmp_path, sft_mod
     base, scaled = losses_for(1.0, True), losses_for(100.0, True)
     assert base == pytest.approx(scaled, rel=1e-4)
     assert losses_for(100.0, False) != pytest.approx(base, rel=1e-2)
+
+
+def test_grpo_with_lora_uses_the_adapters_off_reference(tmp_path, sft_model, prompt_data):
+    out = tmp_path / "lora"
+    final = run(online_config(sft_model, prompt_data, out, "grpo",
+                              tuning={"mode": "lora", "lora": {"r": 4}},
+                              online={"rewards": [{"type": "length_penalty", "max_chars": 1, "per_unit": 1.0}],
+                                      "grpo": {"kl_coef": 0.1, "kl_estimator": "k3"}},
+                              training={"max_steps": 2, "eval_steps": None}))
+    steps = [m for m in metrics(out) if "loss" in m]
+    assert json.loads((out / "run.json").read_text())["reference"] == "adapters_off"
+    # LoRA starts as the identity, so before the first update the policy is its reference.
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[1]["kl"] > 0.0
+    assert (final / "adapter_config.json").is_file()
+
+
+def test_a_non_finite_online_loss_stops_with_the_last_good_checkpoint(tmp_path, sft_model, prompt_data,
+                                                                      monkeypatch):
+    import posttrain.trainers.online as online
+    from posttrain.trainers.loop import NonFiniteLoss
+
+    real = online.clipped_surrogate
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        loss, clipped = real(*args, **kwargs)
+        return (loss * float("nan"), clipped) if calls["n"] > 2 else (loss, clipped)
+
+    monkeypatch.setattr(online, "clipped_surrogate", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        run(online_config(sft_model, prompt_data, out, "grpo", training={"max_steps": 4, "save_steps": 2,
+                                                                          "eval_steps": None}))
+    assert not (out / "final").exists()
+    assert (out / "checkpoints" / "step-2" / "trainer_state.json").is_file()
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
