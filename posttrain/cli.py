@@ -64,6 +64,28 @@ def _score(args) -> None:
     print("; ".join(parts))
 
 
+def _report(args) -> None:
+    from posttrain.report import write_report
+
+    html, md = write_report(args.run_dirs, out_dir=args.out, title=args.title)
+    print(f"report: {html}\nmarkdown: {md}")
+
+
+def _eval(args) -> None:
+    from posttrain.config import load_config
+    from posttrain.eval.runner import run_eval
+
+    cfg = load_config(args.config, args.overrides)
+    path = run_eval(cfg, model_path=args.model, compare=args.compare, out_dir=args.out)
+    print(f"eval results: {path}")
+
+
+def _demo(args) -> None:
+    from posttrain.demo import run_demo
+
+    run_demo(args.out, quick=args.quick)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     p.add_argument("--version", action="version", version=f"posttrain {__version__}")
@@ -98,6 +120,27 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--out", help="output JSONL (default: DATA with .scored.jsonl)")
     sc.add_argument("--batch-size", type=int, default=16)
     sc.set_defaults(func=_score)
+
+    ev = sub.add_parser("eval", help="run a config's eval suites on a model and write eval.json")
+    ev.add_argument("config", help="YAML config with an eval: section")
+    ev.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    ev.add_argument("--model", help="the model to evaluate (default: the config's model.name_or_path)")
+    ev.add_argument("--compare", help="a second model, evaluated as the 'before' (e.g. the stage's start)")
+    ev.add_argument("--out", help="where eval.json and eval_samples/ go (default: the config's output_dir)")
+    ev.set_defaults(func=_eval)
+
+    dm = sub.add_parser("demo", help="every stage on a tiny local model and a verifiable task, on CPU, "
+                                     "then the report (about 5 minutes on 2 cores)")
+    dm.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    dm.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing only")
+    dm.set_defaults(func=_demo)
+
+    rp = sub.add_parser("report", help="write an HTML + Markdown report over one or more run directories")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output_dir of a training run")
+    rp.add_argument("--out", help="folder for report.html, report.md and report_files/ "
+                                  "(default: the run directory, or the runs' common parent)")
+    rp.add_argument("--title", help="report title (default: from the run names)")
+    rp.set_defaults(func=_report)
 
     d = sub.add_parser("data", help="inspect training data")
     dsub = d.add_subparsers(dest="data_command", required=True)

@@ -251,6 +251,70 @@ class OnlineConfig(_Section):
     ppo: PpoConfig = Field(default_factory=PpoConfig)
 
 
+SUITE_TYPES = ("perplexity", "generation", "multiple_choice", "reward_model", "win_rate", "lm_eval")
+
+
+class EvalSuite(_Section):
+    """One evaluation suite; which fields it needs depends on ``type`` (checked below)."""
+
+    name: str = Field(min_length=1, description="the suite's key in eval.json and the report")
+    type: Literal[SUITE_TYPES]
+    path: Name | None = Field(None, description="the data file (every type but lm_eval)")
+    format: str | None = Field(None, description="perplexity: the file's format (default text)")
+    scorers: list[dict] = Field(
+        default_factory=lambda: [{"type": "exact_match"}],
+        description="generation: reward specs (as online.rewards) scoring each answer; the first is the headline",
+    )
+    max_new_tokens: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1, description="use the first N rows (lm_eval: N per task)")
+    batch_size: int = Field(16, ge=1)
+    reward_model: Name | None = Field(None, description="reward_model, win_rate: a reward model's final/ folder")
+    baseline: Name | None = Field(None, description="win_rate: the model to beat")
+    judge: dict | None = Field(None, description="win_rate: a pairwise LLM judge {base_url, model, rubric}")
+    tasks: list[str] = Field(default_factory=list, description="lm_eval: task names, e.g. [mmlu, gsm8k]")
+    num_fewshot: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _fields_fit_the_type(self) -> "EvalSuite":
+        where = f"suite {self.name!r} (type {self.type})"
+        if self.type != "lm_eval" and not self.path:
+            raise ValueError(f"{where} needs a data file: path")
+        if self.type == "lm_eval" and not self.tasks:
+            raise ValueError(f"{where} needs tasks, e.g. [gsm8k]")
+        if self.type == "reward_model" and not self.reward_model:
+            raise ValueError(f"{where} needs reward_model: a reward model's folder")
+        if self.type == "win_rate":
+            if not self.baseline:
+                raise ValueError(f"{where} needs baseline: the model to compare against")
+            if (self.judge is None) == (self.reward_model is None):
+                raise ValueError(f"{where} needs exactly one of judge or reward_model to decide each pair")
+        if self.type == "generation" and not self.scorers:
+            raise ValueError(f"{where} needs at least one scorer, e.g. [{{type: exact_match}}]")
+        return self
+
+
+class ForgettingConfig(_Section):
+    suite: str = Field(description="the suite on general held-out data (e.g. the pretraining domain's text)")
+    threshold: float = Field(0.1, ge=0, description="flag a relative worsening of its headline metric beyond this")
+
+
+class EvalConfig(_Section):
+    suites: list[EvalSuite] = Field(min_length=1)
+    before: bool = Field(True, description="also evaluate the starting model, so every number has a before")
+    every_steps: int | None = Field(None, ge=1, description="also run the suites every N training steps")
+    forgetting: ForgettingConfig | None = None
+
+    @model_validator(mode="after")
+    def _names(self) -> "EvalConfig":
+        names = [s.name for s in self.suites]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"eval suite names must be unique; repeated: {dupes}")
+        if self.forgetting and self.forgetting.suite not in names:
+            raise ValueError(f"eval.forgetting.suite {self.forgetting.suite!r} is not a suite; suites: {names}")
+        return self
+
+
 METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo", "ppo")
 ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
 REFERENCE_METHODS = ("dpo", "kto", "online_dpo", "grpo", "ppo")
@@ -264,10 +328,13 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    eval: EvalConfig | None = None
     output_dir: Name
 
     @model_validator(mode="after")
     def _reference_fits(self) -> "RunConfig":
+        if self.eval is not None and self.method == "reward":
+            raise ValueError("eval: a reward model is no generator; score pairs with `posttrain score` instead")
         ref = self.preference.reference
         if self.method in ONLINE_METHODS:
             if not self.online.rewards and not (self.method == "online_dpo" and self.online.online_dpo.judge):

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install, build the tiny model and a synthetic instruction task locally, and run a short SFT on CPU.
+# Install, then run `posttrain demo`: every stage on a tiny local model and a verifiable task, on CPU, and the report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

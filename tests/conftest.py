@@ -138,3 +138,25 @@ def metrics(run_dir: Path) -> list[dict]:
 
 def losses(run_dir: Path) -> list[float]:
     return [m["loss"] for m in metrics(run_dir) if "loss" in m]
+
+
+@pytest.fixture(scope="session")
+def largest_task(tmp_path_factory) -> dict:
+    """A split-digit tiny model after 80 SFT steps on "What is the largest of 4, 0, 8, 1?" (about 73% right),
+    its base, and prompt files (512 train, 256 held out)."""
+    from posttrain.data.synthetic import make_prompt_rows, make_task_rows, write_jsonl
+    from posttrain.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("largest")
+    model = build_tiny_model(root / "tiny", split_digits=True)
+    sft_rows = write_jsonl(make_task_rows(2000, seed=1, tasks=("largest",)), root / "sft.jsonl")
+    sft = run({
+        "model": {"name_or_path": str(model)}, "method": "sft", "tuning": {"mode": "full"},
+        "data": {"train": str(sft_rows), "max_seq_len": 64, "packing": True, "cache_dir": str(root / "cache")},
+        "training": {"max_steps": 80, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 20,
+                     "logging_steps": 80, "progress_bar": False, "seed": 0},
+        "output_dir": str(root / "sft"),
+    })
+    return {"root": root, "sft": sft, "base": model,
+            "train": write_jsonl(make_prompt_rows(512, seed=5, tasks=("largest",)), root / "prompts.jsonl"),
+            "eval": write_jsonl(make_prompt_rows(256, seed=6, tasks=("largest",)), root / "prompts_eval.jsonl")}

@@ -29,8 +29,8 @@ from posttrain.data.validate import load_examples
 from posttrain.errors import PosttrainError
 from posttrain.io import atomic_write_bytes, atomic_write_text
 
-# Bump when the encoding logic changes, so stale caches are never reused.
-PIPELINE_VERSION = "2"
+# Bump when the encoding logic or the cached report changes, so stale caches are never reused.
+PIPELINE_VERSION = "3"
 
 METHOD_FORMATS = {
     "pretrain": ("text",),
@@ -252,8 +252,14 @@ def _build(cfg: DataConfig, tokenizer, method: str, seed: int, max_new_tokens: i
 
     # Weighted repeats share arrays; the index list decides what is trained and how often.
     train = _assemble([train_items[i] for i in train_index], cfg, method, seed)
+    report.record_lengths(_example_lengths(train))
     evalset = _assemble(eval_items, cfg, method, seed)
     return train, (evalset if len(evalset) else None), report
+
+
+def _example_lengths(ds) -> list[int]:
+    """Tokens per training example as trained (weighted repeats included), before packing joins examples."""
+    return [len(x) for x in ds.input_ids] if isinstance(ds, TokenizedSet) else ds.row_lengths()
 
 
 def cache_folder(cfg: DataConfig, fp: str) -> Path:

@@ -11,10 +11,14 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from posttrain.errors import DataError
 
 # Enough examples per reason to find the pattern without flooding the terminal.
 EXAMPLES_PER_REASON = 5
+# Bins of the token-length histogram of the training examples kept in data_report.json.
+LENGTH_BINS = 20
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class DataReport:
     altered: Counter = field(default_factory=Counter)  # per reason (e.g. truncated), row kept
     examples: dict[str, list[RowIssue]] = field(default_factory=dict)
     notes: Counter = field(default_factory=Counter)  # facts about kept rows, e.g. preference reject reasons
+    lengths: dict | None = None  # token-length histogram of the training examples: {"bins": edges, "counts": n}
 
     def read(self, file: str, n: int = 1) -> None:
         self.rows_read[file] += n
@@ -59,6 +64,15 @@ class DataReport:
 
     def note(self, what: str) -> None:
         self.notes[what] += 1
+
+    def record_lengths(self, lengths: list[int]) -> None:
+        """Keep a compact histogram (integer bin edges, counts) of the training examples' token lengths."""
+        if not lengths:
+            return
+        lo, hi = min(lengths), max(lengths)
+        edges = np.unique(np.linspace(lo, hi + 1, LENGTH_BINS + 1).round().astype(int))
+        counts, _ = np.histogram(lengths, bins=edges)
+        self.lengths = {"bins": edges.tolist(), "counts": counts.tolist()}
 
     def unkeep(self, file: str) -> None:
         """A row counted as kept by an earlier stage was dropped by a later one."""
@@ -115,6 +129,7 @@ class DataReport:
             "altered": dict(self.altered),
             "examples": {r: [vars(i) for i in issues] for r, issues in self.examples.items()},
             "notes": dict(self.notes),
+            **({"lengths": self.lengths} if self.lengths else {}),
         }
 
     @classmethod
@@ -122,6 +137,7 @@ class DataReport:
         rep = cls(Counter(d["rows_read"]), Counter(d["rows_kept"]), Counter(d["dropped"]), Counter(d["altered"]))
         rep.examples = {r: [RowIssue(**i) for i in issues] for r, issues in d["examples"].items()}
         rep.notes = Counter(d.get("notes", {}))
+        rep.lengths = d.get("lengths")
         return rep
 
     def check(self, max_drop_fraction: float, what: str = "training data") -> None:

@@ -171,6 +171,7 @@ class Trainer:
         self.method = method
         self.train_set, self.eval_set = train_set, eval_set
         self.log = log
+        self.step_hooks: list = []  # callables step -> metrics dict, run after each step (e.g. eval.every_steps)
         self.out = Path(cfg.output_dir)
         self.world = accelerator.num_processes
         self.global_batch = self.tcfg.batch_size * self.tcfg.gradient_accumulation_steps * self.world
@@ -237,6 +238,8 @@ class Trainer:
                 ):
                     record.update(self.evaluate())
                     stop = self._track_best(record["eval_loss"])
+                for hook in self.step_hooks:
+                    record.update(hook(step))
                 if len(record) > 0:
                     self._write_metrics(record)
                 if self.tcfg.save_steps and step % self.tcfg.save_steps == 0 and step < self.total_steps:

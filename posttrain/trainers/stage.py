@@ -92,6 +92,7 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         model = load_reward_model(cfg.model, cfg.tuning.mode, tokenizer.pad_token_id)
     else:
         model = load_model(cfg.model, cfg.tuning.mode)
+    eval_before = _evaluate_start(cfg, acc, model, tokenizer, out, resume, say)
     if cfg.method in ONLINE_METHODS:
         method = None
     else:
@@ -120,6 +121,10 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         trainer = _online_trainer(cfg, acc, model, tokenizer, train_set, eval_set, say)
     else:
         trainer = Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=say)
+    if cfg.eval is not None and cfg.eval.every_steps:
+        from posttrain.eval.runner import step_hook
+
+        trainer.step_hooks.append(step_hook(cfg.eval, acc, lambda: trainer.model, tokenizer, cfg.data.max_seq_len))
     try:
         result = trainer.fit(resume=resume)
     except BaseException as exc:
@@ -147,8 +152,38 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
                     best_eval_loss=trainer.state.best_eval, best_step=trainer.state.best_step,
                     skipped_steps=trainer.state.skipped_steps, final=str(final))
         _write_run_json(out, info)
+        if cfg.eval is not None:
+            _evaluate_final(cfg, unwrapped, tokenizer, out, eval_before, trainer.state.step, say)
     acc.wait_for_everyone()
     return final
+
+
+def _evaluate_start(cfg: RunConfig, acc, model, tokenizer, out: Path, resume: bool, say) -> dict | None:
+    """The eval suites on the starting model (kept in eval_before.json, so a resumed run does not redo them)."""
+    if cfg.eval is None or not cfg.eval.before or not acc.is_main_process:
+        return None
+    from posttrain.eval.runner import evaluate
+    from posttrain.eval.suites import SuiteResult
+
+    saved = out / "eval_before.json"
+    if resume and saved.is_file():
+        return {k: SuiteResult(**v) for k, v in json.loads(saved.read_text()).items()}
+    say("evaluating the starting model (eval.before)")
+    before = evaluate(model, tokenizer, cfg.eval, max_seq_len=cfg.data.max_seq_len,
+                      samples_dir=out / "eval_samples" / "before", log=say)
+    atomic_write_text(saved, json.dumps({k: {**vars(r), "samples": []} for k, r in before.items()}))
+    return before
+
+
+def _evaluate_final(cfg: RunConfig, model, tokenizer, out: Path, before: dict | None, step: int, say) -> None:
+    from posttrain.eval.runner import eval_record, evaluate, write_eval_json
+
+    say("evaluating the final model")
+    after = evaluate(model, tokenizer, cfg.eval, max_seq_len=cfg.data.max_seq_len,
+                     samples_dir=out / "eval_samples" / "after", log=say)
+    record = eval_record(cfg.eval, before, after, model=str(out / "final"), start_model=cfg.model.name_or_path,
+                         method=cfg.method, run_dir=str(out), step=step)
+    write_eval_json(out, record, log=say)
 
 
 def _method(cfg: RunConfig, acc, model, tokenizer, sets: dict, data_fingerprint: str, say):
@@ -191,7 +226,7 @@ def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts
     """The rollout -> reward -> update trainer, with its generation engine, rewards and reference."""
     from posttrain.data.templates import ChatEncoder
     from posttrain.generation import make_engine
-    from posttrain.rl.rewards import build_reward, build_rewards
+    from posttrain.rl.rewards import build_rewards, pairwise_judge
     from posttrain.trainers.online import OnlineTrainer, PpoTrainer, RftTrainer
 
     eot = ChatEncoder(tokenizer).end_of_turn_id
@@ -202,16 +237,7 @@ def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts
     rewards = build_rewards(cfg.online.rewards) if cfg.online.rewards else None
     judge = None
     if cfg.method == "online_dpo" and cfg.online.online_dpo.judge:
-        from posttrain.rl.rewards.judge import PairwiseJudge
-
-        # The judge reward's builder checks the fields (base_url, model, api_key_env, ...) and makes the client.
-        spec = {"rubric": "Which response answers the question correctly and helpfully?",
-                **cfg.online.online_dpo.judge, "type": "judge"}
-        try:
-            client = build_reward(spec).client
-        except PosttrainError as exc:
-            raise PosttrainError(f"online.online_dpo.judge: {exc}") from None
-        judge = PairwiseJudge(client, spec["rubric"])
+        judge = pairwise_judge(cfg.online.online_dpo.judge, "online.online_dpo.judge")
     reference = _reference(cfg, acc)
     kw = {}
     if cfg.method == "ppo":

@@ -16,24 +16,9 @@ from tests.conftest import metrics, run
 TASK = ("largest",)
 
 
-@pytest.fixture(scope="module")
-def task(tmp_path_factory):
-    from posttrain.data.synthetic import make_prompt_rows, make_task_rows, write_jsonl
-    from posttrain.models.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("largest")
-    model = build_tiny_model(root / "tiny", split_digits=True)
-    sft_rows = write_jsonl(make_task_rows(2000, seed=1, tasks=TASK), root / "sft.jsonl")
-    sft = run({
-        "model": {"name_or_path": str(model)}, "method": "sft", "tuning": {"mode": "full"},
-        "data": {"train": str(sft_rows), "max_seq_len": 64, "packing": True, "cache_dir": str(root / "cache")},
-        "training": {"max_steps": 80, "batch_size": 16, "learning_rate": 3e-3, "warmup_steps": 20,
-                     "logging_steps": 80, "progress_bar": False, "seed": 0},
-        "output_dir": str(root / "sft"),
-    })
-    return {"root": root, "sft": sft,
-            "train": write_jsonl(make_prompt_rows(512, seed=5, tasks=TASK), root / "prompts.jsonl"),
-            "eval": write_jsonl(make_prompt_rows(256, seed=6, tasks=TASK), root / "prompts_eval.jsonl")}
+@pytest.fixture
+def task(largest_task):
+    return largest_task
 
 
 def online(task, out, method, online_section, **training):
@@ -82,39 +67,14 @@ def test_rft_raises_held_out_accuracy(tmp_path, task):
     assert rows and all(r["reward"] == 1.0 for r in rows)
 
 
-def _pairs_from_policy_samples(sft, prompts_file, out_file):
-    """RLHF's step 2 with a labeller that knows the answer: the right answer against every wrong digit and
-    against the wrong answers the SFT policy itself gives.
-
-    The policy's own mistakes matter: a reward model trained only on clean pairs is out of its
-    depth on malformed samples ("67", "8 8"), and PPO learns to produce them (reward hacking).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from posttrain.data.prompts import render_prompt
-    from posttrain.data.synthetic import write_jsonl
-    from posttrain.data.templates import ChatEncoder
-    from posttrain.generation.base import SamplingParams
-    from posttrain.generation.transformers_engine import TransformersEngine
-
-    tokenizer = AutoTokenizer.from_pretrained(sft)
-    engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(sft), tokenizer,
-                                stop_token_ids=[ChatEncoder(tokenizer).end_of_turn_id])
-    rows = [json.loads(x) for x in prompts_file.read_text().splitlines()]
-    ids = [render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in rows]
-    pairs = []
-    for row, samples in zip(rows, engine.generate(ids, SamplingParams(max_new_tokens=8, n=4, seed=0))):
-        wrong = [s.text for s in samples if s.text.strip() != row["answer"]][:1]
-        wrong += [str(d) for d in range(10) if str(d) != row["answer"] and str(d) not in wrong]
-        pairs += [{"prompt": row["prompt"], "chosen": row["answer"], "rejected": w} for w in wrong]
-    return write_jsonl(pairs, out_file)
-
-
 def test_ppo_with_a_reward_model_trained_here_raises_held_out_accuracy(tmp_path, task):
     from posttrain.data.synthetic import make_prompt_rows, write_jsonl
+    from posttrain.data.synthetic.policy_pairs import digit_distractors, policy_pairs
 
-    rm_prompts = write_jsonl(make_prompt_rows(600, seed=11, tasks=TASK), tmp_path / "rm_prompts.jsonl")
-    pairs = _pairs_from_policy_samples(task["sft"], rm_prompts, tmp_path / "pairs.jsonl")
+    # RLHF's step 2 with a labeller that knows the answer: the right answer against every wrong digit and
+    # against the SFT policy's own wrong samples (without those, PPO learns to game the reward model).
+    rows = policy_pairs(task["sft"], make_prompt_rows(600, seed=11, tasks=TASK), distractors=digit_distractors)
+    pairs = write_jsonl(rows, tmp_path / "pairs.jsonl")
     rm = run({
         "model": {"name_or_path": str(task["sft"])}, "method": "reward", "tuning": {"mode": "full"},
         "data": {"train": [{"path": str(pairs), "format": "preference"}], "max_seq_len": 64,

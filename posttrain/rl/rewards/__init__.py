@@ -39,7 +39,7 @@ from posttrain.rl.rewards.rules import (
 __all__ = [
     "CombinedReward", "ExactMatch", "JudgeClient", "JudgeError", "JudgeReward", "LengthPenalty", "LocalJudge",
     "NumericMatch", "PairwiseJudge", "PythonReward", "RegexReward", "Reward", "RewardInput", "RewardModelReward",
-    "RewardResult", "SampleReward", "build_reward", "build_rewards", "extract_number",
+    "RewardResult", "SampleReward", "build_reward", "build_rewards", "extract_number", "pairwise_judge",
 ]
 
 
@@ -139,6 +139,16 @@ def build_reward(spec: dict, index: int | None = None):
     if "name" in spec:
         reward.name = spec["name"]
     return reward
+
+
+def pairwise_judge(spec: dict, where: str) -> PairwiseJudge:
+    """A pairwise LLM judge from ``{base_url, model, rubric, api_key_env, ...}``, checked like a judge reward."""
+    spec = {"rubric": "Which response answers the question correctly and helpfully?", **spec, "type": "judge"}
+    try:
+        client = build_reward(spec).client
+    except PosttrainError as exc:
+        raise PosttrainError(f"{where}: {exc}") from None
+    return PairwiseJudge(client, spec["rubric"])
 
 
 def build_rewards(specs: list[dict], timeout: float | None = None) -> CombinedReward:
