@@ -127,11 +127,13 @@ def _summary(out: Path, names: list[str]) -> list[dict]:
         path = out / name / "eval.json"
         if not path.is_file():
             continue
-        suites = {s["name"]: s for s in json.loads(path.read_text())["suites"]}
+        record = json.loads(path.read_text())
+        suites = {s["name"]: s for s in record["suites"]}
         h, g = suites["heldout"], suites["domain"]
         rows.append({"stage": name, "before": (h["before"] or {}).get("exact_match"),
                      "after": h["after"]["exact_match"], "ppl_before": (g["before"] or {}).get("perplexity"),
-                     "ppl_after": g["after"]["perplexity"]})
+                     "ppl_after": g["after"]["perplexity"],
+                     "forgot": bool((record.get("forgetting") or {}).get("regressed"))})
     return rows
 
 
@@ -143,12 +145,14 @@ def _verdict(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| stage | held-out exact match (before -> after) | domain perplexity (before -> after) | |"
-    lines = [head, "|---|---|---|---|"]
+    head = "| stage | held-out exact match (before -> after) | domain perplexity (before -> after) | task | forgetting |"
+    lines = [head, "|---|---|---|---|---|"]
     for r in rows:
         b = "-" if r["before"] is None else f"{r['before']:.3f}"
         pb = "-" if r["ppl_before"] is None else f"{r['ppl_before']:.1f}"
-        lines.append(f"| {r['stage']} | {b} -> {r['after']:.3f} | {pb} -> {r['ppl_after']:.1f} | {_verdict(r)} |")
+        forgot = "FORGOT (beyond 25%)" if r["forgot"] else "ok"
+        lines.append(f"| {r['stage']} | {b} -> {r['after']:.3f} | {pb} -> {r['ppl_after']:.1f} | {_verdict(r)} "
+                     f"| {forgot} |")
     return "\n".join(lines)
 
 
