@@ -7,7 +7,8 @@
 2. continued pretraining on the corpus -> SFT on the task -> then, each from the SFT model:
    DPO, KTO, SimPO, ORPO, a reward model + PPO, GRPO and RFT;
 3. every stage is evaluated before and after on the same held-out prompts (greedy exact match) and
-   on held-out text of the pretraining domain (perplexity, the forgetting monitor); the report (report.html, report.md) has
+   on held-out text of the pretraining domain (perplexity, the forgetting monitor); the report
+   (report.html, report.md) has
    the table and a plot of accuracy per method, and the closing table is printed.
 """
 
@@ -145,7 +146,8 @@ def _verdict(row: dict) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| stage | held-out exact match (before -> after) | domain perplexity (before -> after) | task | forgetting |"
+    head = ("| stage | held-out exact match (before -> after) | domain perplexity (before -> after) "
+            "| task | forgetting |")
     lines = [head, "|---|---|---|---|---|"]
     for r in rows:
         b = "-" if r["before"] is None else f"{r['before']:.3f}"
