@@ -65,7 +65,7 @@ def _score(args) -> None:
 
 
 def _report(args) -> None:
-    from posttrain.report import write_report
+    from posttrain.eval.report import write_report
 
     html, md = write_report(args.run_dirs, out_dir=args.out, title=args.title)
     print(f"report: {html}\nmarkdown: {md}")
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     dm = sub.add_parser("demo", help="every stage on a tiny local model and a verifiable task, on CPU, "
-                                     "then the report (about 5 minutes on 2 cores)")
+                                     "then the report (under 3 minutes on 2 CPU cores)")
     dm.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     dm.add_argument("--quick", action="store_true", help="a few steps per stage: checks the plumbing only")
     dm.set_defaults(func=_demo)

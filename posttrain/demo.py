@@ -162,7 +162,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, log=print) -
     """Run every stage into ``out`` and write the report; returns report.html's path."""
     from posttrain.config import load_config
     from posttrain.models.tiny import build_tiny_model
-    from posttrain.report import write_report
+    from posttrain.eval.report import write_report
     from posttrain.trainers.stage import run_stage
 
     started = time.perf_counter()

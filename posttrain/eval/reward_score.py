@@ -116,7 +116,8 @@ def _parse(row: object, file: str, row_no: int):
     return ("conversation", result) if isinstance(result, Example) else result
 
 
-def score_file(model: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 16, log=print) -> ScoreSummary:
+def score_file(model: str | Path, data: str | Path, out: str | Path, *, batch_size: int = 16,
+               log=print) -> ScoreSummary:
     """Score every usable row of ``data`` and write the rows with their scores to ``out`` (JSONL)."""
     scorer = RewardScorer(model, batch_size=batch_size)
     report = DataReport()

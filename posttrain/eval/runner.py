@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from posttrain.config import EvalConfig, RunConfig
-from posttrain.eval.suites import SuiteResult, headline, run_suite, write_samples
+from posttrain.eval.suites import SuiteResult, run_suite, write_samples
 from posttrain.io import atomic_write_text
 
 
@@ -53,9 +53,9 @@ def forgetting(ecfg: EvalConfig, before: dict | None, after: dict) -> dict | Non
     f = ecfg.forgetting
     if f is None or not before or before.get(f.suite) is None or after.get(f.suite) is None:
         return None
-    suite = next(s for s in ecfg.suites if s.name == f.suite)
-    metric, higher = headline(suite)
-    b, a = before[f.suite].metrics.get(metric), after[f.suite].metrics.get(metric)
+    result = after[f.suite]
+    metric, higher = result.metric, result.higher_is_better
+    b, a = before[f.suite].metrics.get(metric), result.metrics.get(metric)
     if b is None or a is None:
         return None
     worse = (b - a) if higher else (a - b)
@@ -67,15 +67,14 @@ def forgetting(ecfg: EvalConfig, before: dict | None, after: dict) -> dict | Non
 def eval_record(ecfg: EvalConfig, before: dict | None, after: dict, **info) -> dict:
     suites = []
     for suite in ecfg.suites:
-        metric, higher = headline(suite)
-        a, b = after.get(suite.name), (before or {}).get(suite.name)
+        a, b = after[suite.name], (before or {}).get(suite.name)
         has = {k: bool(r is not None and r.samples and not r.skipped) for k, r in (("after", a), ("before", b))}
         suites.append({
-            "name": suite.name, "type": suite.type, "metric": (a.metric or metric) if a else metric,
-            "higher_is_better": higher, "n": a.n if a else 0, "before": _as_dict(b), "after": _as_dict(a),
+            "name": suite.name, "type": suite.type, "metric": a.metric, "higher_is_better": a.higher_is_better,
+            "n": a.n, "before": _as_dict(b), "after": _as_dict(a),
             "samples_before": f"eval_samples/before/{suite.name}.jsonl" if has["before"] else None,
             "samples_after": f"eval_samples/after/{suite.name}.jsonl" if has["after"] else None,
-            "skipped": a.skipped if a else None,
+            "skipped": a.skipped,
         })
     return {**info, "suites": suites, "forgetting": forgetting(ecfg, before, after)}
 

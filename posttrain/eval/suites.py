@@ -22,12 +22,8 @@ import torch
 from posttrain.config import DataConfig, EvalSuite
 from posttrain.data.collate import collate
 from posttrain.data.report import DataReport
-from posttrain.data.templates import IGNORE_INDEX, ChatEncoder
+from posttrain.data.templates import IGNORE_INDEX
 from posttrain.errors import DataError, PosttrainError
-
-HEADLINE = {"perplexity": ("perplexity", False), "multiple_choice": ("accuracy", True),
-            "reward_model": ("reward", True), "win_rate": ("win_rate", True)}
-
 
 @dataclass
 class SuiteResult:
@@ -167,11 +163,11 @@ def greedy_answers(model, tokenizer, prompts: list, suite: EvalSuite) -> list[st
     """Greedy responses (text) to each prompt's messages, stopping at the template's end of turn."""
     from posttrain.data.prompts import render_prompt
     from posttrain.generation.base import SamplingParams
+    from posttrain.generation import stop_token_ids
     from posttrain.generation.transformers_engine import TransformersEngine
 
-    eot = ChatEncoder(tokenizer).end_of_turn_id
-    stop = list(dict.fromkeys(i for i in (eot, tokenizer.eos_token_id) if i is not None))
-    engine = TransformersEngine(model, tokenizer, stop_token_ids=stop, batch_size=suite.batch_size)
+    engine = TransformersEngine(model, tokenizer, stop_token_ids=stop_token_ids(tokenizer),
+                                batch_size=suite.batch_size)
     ids = [render_prompt(tokenizer, p.prompt) for p in prompts]
     out = engine.generate(ids, SamplingParams(max_new_tokens=suite.max_new_tokens, temperature=0.0))
     return [gs[0].text for gs in out]
@@ -277,16 +273,6 @@ def _lm_eval(suite: EvalSuite, model, tokenizer) -> SuiteResult:
     if not metrics:
         raise PosttrainError(f"eval suite {suite.name!r}: lm-eval returned no metric for tasks {suite.tasks}")
     return SuiteResult(metrics, int(suite.limit or 0), next(iter(metrics)))
-
-
-def headline(suite: EvalSuite) -> tuple[str, bool]:
-    """The metric a suite is judged by, and whether higher is better (generation: the first scorer's name)."""
-    if suite.type in HEADLINE:
-        return HEADLINE[suite.type]
-    if suite.type == "generation":
-        first = suite.scorers[0]
-        return str(first.get("name") or first.get("type")), True
-    return "", True
 
 
 def write_samples(path: Path, samples: list[dict]) -> None:

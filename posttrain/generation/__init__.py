@@ -17,6 +17,14 @@ from posttrain.generation.transformers_engine import TransformersEngine
 ENGINES = ("auto", "transformers", "vllm")
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """Where a response ends: the chat template's end-of-turn token and the tokenizer's EOS (deduplicated)."""
+    from posttrain.data.templates import ChatEncoder
+
+    eot = ChatEncoder(tokenizer).end_of_turn_id
+    return list(dict.fromkeys(i for i in (eot, tokenizer.eos_token_id) if i is not None))
+
+
 def make_engine(kind: str, model, tokenizer, *, stop_token_ids: list[int], model_path=None, **kw):
     """The engine named by ``kind``; "auto" is vLLM when it is installed and a GPU is present.
 

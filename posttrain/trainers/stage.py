@@ -171,7 +171,7 @@ def _evaluate_start(cfg: RunConfig, acc, model, tokenizer, out: Path, resume: bo
     say("evaluating the starting model (eval.before)")
     before = evaluate(model, tokenizer, cfg.eval, max_seq_len=cfg.data.max_seq_len,
                       samples_dir=out / "eval_samples" / "before", log=say)
-    atomic_write_text(saved, json.dumps({k: {**vars(r), "samples": []} for k, r in before.items()}))
+    atomic_write_text(saved, json.dumps({k: vars(r) for k, r in before.items()}, default=str))
     return before
 
 
@@ -224,13 +224,11 @@ def _reference(cfg: RunConfig, acc):
 
 def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts, say):
     """The rollout -> reward -> update trainer, with its generation engine, rewards and reference."""
-    from posttrain.data.templates import ChatEncoder
-    from posttrain.generation import make_engine
+    from posttrain.generation import make_engine, stop_token_ids
     from posttrain.rl.rewards import build_rewards, pairwise_judge
     from posttrain.trainers.online import OnlineTrainer, PpoTrainer, RftTrainer
 
-    eot = ChatEncoder(tokenizer).end_of_turn_id
-    stop_ids = list(dict.fromkeys(i for i in (eot, tokenizer.eos_token_id) if i is not None))
+    stop_ids = stop_token_ids(tokenizer)
     gen = cfg.online.generation
     engine = make_engine(gen.engine, model, tokenizer, stop_token_ids=stop_ids, model_path=cfg.model.name_or_path,
                          batch_size=gen.batch_size)

@@ -223,3 +223,23 @@ def test_eval_config_is_checked():
         EvalConfig(suites=[{"name": "a", "type": "perplexity", "path": "p"}], forgetting={"suite": "b"})
     with pytest.raises(ValidationError, match="unique"):
         EvalConfig(suites=[{"name": "a", "type": "perplexity", "path": "p"}] * 2)
+
+
+def test_a_resumed_stage_keeps_its_before_numbers(largest_task, suites, tmp_path, monkeypatch):
+    import posttrain.eval.runner as runner
+
+    out = tmp_path / "sft"
+    cfg = sft_config(largest_task, out, suites[:1])
+    cfg["eval"].pop("forgetting")
+    cfg["training"].update(max_steps=2, save_steps=1)
+    run(cfg)
+    first = json.loads((out / "eval.json").read_text())["suites"][0]
+    calls = []
+    real = runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda *a, **k: calls.append(k["samples_dir"]) or real(*a, **k))
+    cfg["training"]["max_steps"] = 3
+    run(cfg, resume=True)
+    again = json.loads((out / "eval.json").read_text())["suites"][0]
+    # Only the final model is evaluated again; the start's numbers and samples carry over from the first run.
+    assert [p.name for p in calls] == ["after"]
+    assert again["before"] == first["before"] and again["samples_before"] == first["samples_before"] is not None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.report import write_report
+from posttrain.eval.report import write_report
 from tests.report_runs import three_stages
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "report_screenshot.py"

@@ -19,16 +19,16 @@ def policy_pairs(model_path: str | Path, prompt_rows: list[dict], *, samples: in
     the first wrong one (if any) and every ``distractors(row)`` answer not already used become
     the rejected side of a pair.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from posttrain.config import ModelConfig
     from posttrain.data.prompts import render_prompt
-    from posttrain.data.templates import ChatEncoder
+    from posttrain.generation import stop_token_ids
     from posttrain.generation.base import SamplingParams
     from posttrain.generation.transformers_engine import TransformersEngine
+    from posttrain.models.load import load_model, load_tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
-    engine = TransformersEngine(AutoModelForCausalLM.from_pretrained(str(model_path)), tokenizer,
-                                stop_token_ids=[ChatEncoder(tokenizer).end_of_turn_id])
+    mcfg = ModelConfig(name_or_path=str(model_path))
+    tokenizer = load_tokenizer(mcfg)
+    engine = TransformersEngine(load_model(mcfg).eval(), tokenizer, stop_token_ids=stop_token_ids(tokenizer))
     ids = [render_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}]) for r in prompt_rows]
     params = SamplingParams(max_new_tokens=max_new_tokens, n=samples, seed=seed)
     pairs = []

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import re
 
-from posttrain.report import plots
-from posttrain.report.document import Bullets, Cell, Document, Figure, Heading, Para, Table
-from posttrain.report.runs import Run
+from posttrain.eval.report import plots
+from posttrain.eval.report.document import Bullets, Cell, Document, Figure, Heading, Para, Table
+from posttrain.eval.report.runs import Run
 
 NONE = "—"
 SAMPLE_CHARS = 600  # a generation longer than this is cut in the report

@@ -12,9 +12,9 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.errors import PosttrainError
-from posttrain.report import write_report
-from posttrain.report.plots import curve_groups
-from posttrain.report.sections import verdict
+from posttrain.eval.report import write_report
+from posttrain.eval.report.plots import curve_groups
+from posttrain.eval.report.sections import verdict
 from tests.report_runs import generation, make_run, three_stages
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from posttrain.errors import PosttrainError
 from posttrain.io import atomic_dir, atomic_write_text
-from posttrain.report.document import render_html, render_markdown
-from posttrain.report.runs import load_run
-from posttrain.report.sections import build_document
+from posttrain.eval.report.document import render_html, render_markdown
+from posttrain.eval.report.runs import load_run
+from posttrain.eval.report.sections import build_document
 
 FILES_DIR = "report_files"
 
