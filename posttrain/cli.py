@@ -170,4 +170,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to the interpreter's exit, gloo's worker threads can be destroyed while still joinable, and the
+    process dies with SIGABRT ("terminate called without an active exception") after a successful run.
+    """
+    if "torch" not in sys.modules:
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
