@@ -64,6 +64,18 @@ def _score(args) -> None:
     print("; ".join(parts))
 
 
+def _run(args) -> None:
+    from posttrain.pipeline import format_plan, load_pipeline, plan, run_pipeline
+
+    pipeline = load_pipeline(args.pipeline, args.overrides)
+    if args.dry_run:
+        print(format_plan(plan(pipeline, force=args.force)))
+        return
+    run_pipeline(pipeline, force=args.force, only=args.only)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: {len(pipeline.stages)} stages in {pipeline.output_dir}")
+
+
 def _report(args) -> None:
     from posttrain.eval.report import write_report
 
@@ -114,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
     tr.set_defaults(func=_train)
 
+    rn = sub.add_parser("run", help="run a multi-stage pipeline (e.g. pretrain -> SFT -> DPO); finished stages "
+                                     "are skipped, an interrupted one resumes")
+    rn.add_argument("pipeline", help="pipeline YAML: output_dir, defaults and named stages (docs/pipeline.md)")
+    rn.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every stage")
+    rn.add_argument("--dry-run", action="store_true",
+                    help="print what each stage would do (skip, resume, run) and stop")
+    rn.add_argument("--force", action="store_true",
+                    help="run every stage again (earlier outputs go to superseded/)")
+    rn.add_argument("--only", action="append", metavar="STAGE",
+                    help="run only this stage (repeatable); the stages it reads must be done already")
+    rn.set_defaults(func=_run)
+
     sc = sub.add_parser("score", help="score rows with a reward model (a final/ folder of method: reward)")
     sc.add_argument("model", help="reward model folder")
     sc.add_argument("data", help="rows: {prompt, chosen, rejected}, {prompt, completion|response} or {messages}")
@@ -162,28 +186,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code = 0
     try:
         args.func(args)
     except PosttrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code = 130
     finally:
-        _close_process_group()
-    return 0
+        distributed = _close_process_group()
+    if distributed:
+        # The interpreter's own teardown can destroy gloo's C++ worker threads while they are still joinable,
+        # and the process then dies with SIGABRT ("terminate called without an active exception") after a
+        # good run, which fails the whole launch. Everything is written and closed by now: leave at once.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
-def _close_process_group() -> None:
-    """Tear the process group down before the interpreter exits.
-
-    Left to the interpreter's exit, gloo's worker threads can be destroyed while still joinable, and the
-    process dies with SIGABRT ("terminate called without an active exception") after a successful run.
-    """
+def _close_process_group() -> bool:
+    """Tear down the process group, if one is open; True when there was one."""
     if "torch" not in sys.modules:
-        return
+        return False
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.destroy_process_group()
+    return True

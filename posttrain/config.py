@@ -492,11 +492,12 @@ def read_yaml(path: str | Path) -> dict:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, raw: dict | None = None) -> RunConfig:
+def load_config(path: str | Path | None, overrides: list[str] | None = None, raw: dict | None = None,
+                base_dir: str | Path | None = None) -> RunConfig:
     """Load, override and validate a run config.
 
-    A relative data path is taken from the working directory, or from the config's folder when
-    it is not found there (so recipes run from anywhere).
+    A relative data path is taken from the working directory, or from the config's folder (or
+    ``base_dir``) when it is not found there (so recipes run from anywhere).
     """
     raw = copy.deepcopy(raw or {})  # overrides write into nested sections: never into the caller's dict
     if path is not None:
@@ -507,8 +508,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, raw
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
-    if path is not None:
-        base = Path(path).resolve().parent
+    if path is not None or base_dir is not None:
+        base = Path(base_dir) if base_dir is not None else Path(path).resolve().parent
         for src in [*cfg.data.train, *cfg.data.eval]:
             if not Path(src.path).is_absolute() and not Path(src.path).exists() and (base / src.path).exists():
                 src.path = str(base / src.path)

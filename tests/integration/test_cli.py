@@ -66,7 +66,11 @@ def test_data_preview_marks_trained_tokens(tmp_path, tiny_model, task_data, caps
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_recipes_are_valid_configs(recipe):
-    from posttrain.config import load_config
+    from posttrain.config import METHODS, load_config, read_yaml
+    from posttrain.pipeline import load_pipeline
 
-    cfg = load_config(RECIPES / recipe)
-    assert cfg.method in ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "ppo", "grpo", "online_dpo", "rft")
+    if "stages" in read_yaml(RECIPES / recipe):
+        methods = [s.config.method for s in load_pipeline(RECIPES / recipe).stages]
+    else:
+        methods = [load_config(RECIPES / recipe).method]
+    assert methods and all(m in METHODS for m in methods)
