@@ -98,6 +98,50 @@ def _demo(args) -> None:
     run_demo(args.out, quick=args.quick)
 
 
+def _adapter_pairs(pairs: list[str]) -> dict[str, str]:
+    adapters = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise PosttrainError(f"--adapter {pair!r}: expected NAME=DIR, e.g. --adapter sft=runs/sft-lora")
+        if name in adapters:
+            raise PosttrainError(f"--adapter {name}=...: the name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def _serve(args) -> None:
+    from posttrain.serve.app import serve
+    from posttrain.serve.engine import load_backend
+
+    backend = load_backend(args.model, _adapter_pairs(args.adapter), backend=args.backend, dtype=args.dtype)
+    serve(backend, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+          max_queue=args.max_queue)
+
+
+def _chat(args) -> None:
+    from pathlib import Path
+
+    from posttrain.serve.chat import chat_loop
+    from posttrain.serve.engine import load_backend
+
+    adapters = {}
+    if args.adapter:
+        folder = Path(args.adapter).resolve()
+        adapters[folder.parent.name if folder.name == "final" else folder.name] = args.adapter
+    backend = load_backend(args.model, adapters, backend="transformers", dtype=args.dtype)
+    chat_loop(backend, model=next(iter(adapters), None), system=args.system, temperature=args.temperature,
+              top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+
+
+def _export(args) -> None:
+    from posttrain.export import export_model
+
+    result = export_model(args.source, args.out, quantize=args.quantize, gguf=args.gguf, dtype=args.dtype,
+                          overwrite=args.overwrite, log=lambda msg: print(f"export: {msg}", flush=True))
+    print(result.summary())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     p.add_argument("--version", action="version", version=f"posttrain {__version__}")
@@ -165,6 +209,49 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the run directory, or the runs' common parent)")
     rp.add_argument("--title", help="report title (default: from the run names)")
     rp.set_defaults(func=_report)
+
+    sv = sub.add_parser("serve", help="serve a model (and LoRA adapters) over an OpenAI-compatible HTTP API")
+    sv.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="a model folder, or a training run's output dir "
+                    "(its final/; a LoRA adapter is served over its base)")
+    sv.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="a LoRA adapter (folder or run dir) served as model NAME; repeatable")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=os.environ.get("POSTTRAIN_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' (default: $POSTTRAIN_API_KEY; none: open)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences generated together (default: 8)")
+    sv.add_argument("--max-queue", type=int, default=256,
+                    help="requests allowed to wait; beyond it the server answers 429 (default: 256)")
+    sv.add_argument("--backend", choices=("auto", "transformers", "vllm"), default="auto",
+                    help="auto: vLLM when it is installed and a GPU is present, else transformers")
+    sv.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="auto: bfloat16 on a GPU that has it, else float32")
+    sv.set_defaults(func=_serve)
+
+    ch = sub.add_parser("chat", help="chat with a model in the terminal (/reset, /system TEXT, /exit)")
+    ch.add_argument("model", metavar="MODEL_OR_RUN_DIR", help="a model folder or a training run's output dir")
+    ch.add_argument("--adapter", metavar="DIR", help="a LoRA adapter (folder or run dir) to chat with")
+    ch.add_argument("--system", help="system prompt")
+    ch.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default: 0.7)")
+    ch.add_argument("--top-p", type=float, default=1.0)
+    ch.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    ch.add_argument("--seed", type=int, default=None)
+    ch.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    ch.set_defaults(func=_chat)
+
+    ex = sub.add_parser("export", help="merge an adapter and save a standalone model (optionally int8/int4, GGUF), "
+                                       "verified by reloading it and comparing logits with the source")
+    ex.add_argument("source", metavar="RUN_DIR_OR_MODEL", help="a run's output_dir (its final/), a model folder "
+                                                               "or a peft adapter folder")
+    ex.add_argument("--out", required=True, help="folder for the exported model (written whole, or not at all)")
+    ex.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                    help="weight-only quantization with torchao (int4 needs a CUDA GPU; default: none)")
+    ex.add_argument("--gguf", action="store_true", help="also write model.gguf for llama.cpp (Llama architecture, "
+                                                        "byte-level BPE tokenizer)")
+    ex.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                    help="dtype of the saved weights (default: the source's)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.set_defaults(func=_export)
 
     d = sub.add_parser("data", help="inspect training data")
     dsub = d.add_subparsers(dest="data_command", required=True)
