@@ -92,6 +92,48 @@ def _eval(args) -> None:
     print(f"eval results: {path}")
 
 
+def _synth_tasks(args) -> None:
+    from posttrain.data.synthetic.generate import write_tasks
+
+    tasks = [x.strip() for x in args.tasks.split(",") if x.strip()] if args.tasks else None
+    for path, n in write_tasks(args.out, n=args.n, seed=args.seed, tasks=tasks, fmt=args.format,
+                               test_fraction=args.test_fraction, test_out=args.test_out):
+        print(f"{n} rows -> {path}")
+
+
+def _synth_corpus(args) -> None:
+    from posttrain.data.synthetic.generate import write_corpus
+
+    for path, n in write_corpus(args.out, n=args.n, seed=args.seed, kind=args.kind):
+        print(f"{n} documents -> {path}")
+
+
+def _data_dedup(args) -> None:
+    from posttrain.data.overlap import deduplicate, read_rows
+    from posttrain.data.synthetic import write_jsonl
+
+    rows = read_rows(args.file)
+    kept, dropped = deduplicate(rows)
+    write_jsonl(kept, args.out)
+    print(f"{len(kept)} of {len(rows)} rows kept -> {args.out}; {len(dropped)} duplicates dropped")
+    for row, first in dropped[:5]:
+        print(f"  row {row} repeats row {first}")
+
+
+def _data_contamination(args) -> None:
+    from posttrain.data.overlap import contamination
+    from posttrain.io import atomic_write_text
+
+    result = contamination(args.train, args.eval, n=args.n, threshold=args.threshold)
+    print(result.format())
+    if args.out:
+        atomic_write_text(args.out, result.to_json())
+        print(f"report: {args.out}")
+    if args.fail_above is not None and result.rate > args.fail_above:
+        raise PosttrainError(f"{result.rate:.1%} of eval rows are contaminated, above --fail-above "
+                             f"{args.fail_above:.1%}")
+
+
 def _demo(args) -> None:
     from posttrain.demo import run_demo
 
@@ -253,6 +295,25 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ex.set_defaults(func=_export)
 
+    sy = sub.add_parser("synth", help="generate data: rule-based verifiable tasks and text corpora")
+    sysub = sy.add_subparsers(dest="synth_command", required=True)
+    st = sysub.add_parser("tasks", help="verifiable task rows (add, reverse, upper, count, larger, largest)")
+    st.add_argument("--out", required=True, help="JSONL file to write")
+    st.add_argument("--n", type=int, required=True, help="rows to generate")
+    st.add_argument("--seed", type=int, default=0)
+    st.add_argument("--tasks", help="comma-separated task names, or all (default: add,reverse,upper,count)")
+    st.add_argument("--format", default="messages", choices=("messages", "alpaca", "prompt", "preference", "feedback"))
+    st.add_argument("--test-fraction", type=float, default=0.0,
+                    help="hold out this fraction of distinct prompts into --test-out")
+    st.add_argument("--test-out", help="JSONL file for the held-out rows")
+    st.set_defaults(func=_synth_tasks)
+    sco = sysub.add_parser("corpus", help="raw text documents for continued pretraining (format text)")
+    sco.add_argument("--out", required=True)
+    sco.add_argument("--n", type=int, required=True, help="documents to generate")
+    sco.add_argument("--seed", type=int, default=0)
+    sco.add_argument("--kind", default="domain", choices=("domain", "general"))
+    sco.set_defaults(func=_synth_corpus)
+
     d = sub.add_parser("data", help="inspect training data")
     dsub = d.add_subparsers(dest="data_command", required=True)
     dc = dsub.add_parser("check", help="validate data files and print a row-level report")
@@ -261,6 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--max-drop-fraction", type=float, default=1.0,
                     help="exit non-zero when more than this fraction of rows is bad (default: only when none is usable)")
     dc.set_defaults(func=_data_check)
+    dd = dsub.add_parser("dedup", help="drop rows whose normalised text repeats an earlier row's")
+    dd.add_argument("file")
+    dd.add_argument("--out", required=True, help="JSONL file for the kept rows")
+    dd.set_defaults(func=_data_dedup)
+    dco = dsub.add_parser("contamination", help="eval rows whose word n-grams occur in the training data")
+    dco.add_argument("--train", nargs="+", required=True, help="training JSONL files")
+    dco.add_argument("--eval", nargs="+", required=True, help="eval JSONL files")
+    dco.add_argument("--n", type=int, default=8, help="n-gram length in words (default: 8)")
+    dco.add_argument("--threshold", type=float, default=0.5,
+                     help="flag an eval row when this share of its n-grams is in the training data (default 0.5)")
+    dco.add_argument("--out", help="write the full report (every flagged row) as JSON")
+    dco.add_argument("--fail-above", type=float, help="exit 2 when more than this share of eval rows is flagged")
+    dco.set_defaults(func=_data_contamination)
     dp = dsub.add_parser("preview", help="show the first rendered samples with trained tokens marked")
     dp.add_argument("config")
     dp.add_argument("overrides", nargs="*")
