@@ -48,18 +48,145 @@ class LoraConfig(_Section):
     alpha: float = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module names")
+    use_dora: bool = Field(False, description="DoRA (Liu et al. 2024): a learned magnitude per output row "
+                           "and a LoRA update of the direction")
+    use_rslora: bool = Field(False, description="rank-stabilised LoRA (Kalajdzievski 2023): scale alpha/sqrt(r), "
+                             "not alpha/r")
+    train_embeddings: bool = Field(
+        False, description="also train the input embedding and the output head in full (peft modules_to_save; "
+        "tied embeddings stay tied); saved with the adapter and merged with it"
+    )
+
+
+class QloraConfig(_Section):
+    bits: Literal[4, 8] = Field(4, description="4: NF4/FP4 base (QLoRA); 8: LLM.int8() base")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = Field(True, description="quantise the 4-bit quantisation constants too")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class PromptConfig(_Section):
+    """Prompt tuning (Lester et al. 2021): soft prompt vectors in front of every input."""
+
+    num_virtual_tokens: int = Field(20, ge=1)
+    init: Literal["vocab", "random", "text"] = Field(
+        "vocab", description="vocab: embeddings of randomly drawn vocabulary tokens; random: N(0, 1) vectors; "
+        "text: the embeddings of init_text's tokens (repeated or cut to num_virtual_tokens)"
+    )
+    init_text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_init(self) -> "PromptConfig":
+        if self.init == "text" and not self.init_text:
+            raise ValueError("tuning.prompt.init=text needs tuning.prompt.init_text")
+        if self.init != "text" and self.init_text is not None:
+            raise ValueError(f"tuning.prompt.init_text is used only with init=text (given init={self.init})")
+        return self
+
+
+class PtuningConfig(_Section):
+    """P-tuning (Liu et al. 2021, v1): virtual tokens produced by a small encoder, in front of every input."""
+
+    num_virtual_tokens: int = Field(20, ge=1)
+    encoder: Literal["mlp", "lstm"] = "mlp"
+    encoder_hidden_size: int | None = Field(None, ge=1, description="default: the model's hidden size")
+
+
+class PrefixConfig(_Section):
+    """Prefix tuning (Li & Liang 2021) and P-tuning v2 (Liu et al. 2022): learned keys/values at every layer."""
+
+    num_virtual_tokens: int = Field(20, ge=1)
+    projection: bool | None = Field(
+        None, description="reparameterise the prefix through a 2-layer MLP while training; "
+        "default true for mode prefix, false for ptuning_v2"
+    )
+    encoder_hidden_size: int | None = Field(None, ge=1, description="the MLP's width; default the model's hidden size")
+
+
+class Ia3Config(_Section):
+    target_modules: list[str] | None = Field(
+        None, description="modules whose output (or, for feedforward ones, input) is rescaled; "
+        "default: peft's choice for the architecture (Llama: k_proj, v_proj, down_proj)"
+    )
+    feedforward_modules: list[str] | None = Field(
+        None, description="the subset of target_modules scaled on their input; default: peft's (Llama: down_proj)"
+    )
+
+    @model_validator(mode="after")
+    def _feedforward_subset(self) -> "Ia3Config":
+        if self.feedforward_modules and self.target_modules is not None:
+            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            if extra:
+                raise ValueError(f"tuning.ia3.feedforward_modules must be among target_modules; not there: {extra}")
+        return self
+
+
+class BottleneckConfig(_Section):
+    """Houlsby et al. (2019) bottleneck adapters: x + up(act(down(x))) after the chosen sublayers of every layer."""
+
+    size: int | None = Field(None, ge=1, description="bottleneck width; default hidden_size // reduction_factor")
+    reduction_factor: int = Field(16, ge=1)
+    activation: Literal["relu", "gelu", "silu", "tanh"] = "silu"
+    after: list[Literal["attention", "mlp"]] = Field(
+        default_factory=lambda: ["attention", "mlp"], min_length=1,
+        description="[attention, mlp]: Houlsby; [mlp]: one adapter per layer (Pfeiffer et al. 2021)",
+    )
+
+    @field_validator("after")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"repeated entries in {v}")
+        return v
+
+
+TUNING_MODES = ("full", "freeze", "lora", "qlora", "bitfit", "ia3", "prompt", "ptuning", "prefix", "ptuning_v2",
+                "bottleneck")
+LORA_MODES = ("lora", "qlora")
+# peft's prompt-learning methods: nothing in the base changes, so nothing can be merged into it.
+PROMPT_MODES = ("prompt", "ptuning", "prefix", "ptuning_v2")
+# Those that put virtual tokens in front of the input (prefix tuning puts them in the key/value cache instead).
+VIRTUAL_TOKEN_MODES = ("prompt", "ptuning")
+# The base stays frozen and the policy with its adapters switched off is the starting model.
+ADAPTER_MODES = (*LORA_MODES, "ia3", *PROMPT_MODES, "bottleneck")
+# Adapters that cannot be merged into the weights: a run's output stays an adapter over its base.
+UNMERGEABLE_MODES = (*PROMPT_MODES, "bottleneck")
+# What the vLLM engine can sample from: merged weights under the base model's names.
+VLLM_MODES = ("full", "freeze", "bitfit", "lora")
 
 
 class TuningConfig(_Section):
-    mode: Literal["full", "freeze", "lora", "bitfit"] = "full"
+    mode: Literal[TUNING_MODES] = "full"
     freeze: FreezeConfig = Field(default_factory=FreezeConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    qlora: QloraConfig = Field(default_factory=QloraConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    ptuning: PtuningConfig = Field(default_factory=PtuningConfig)
+    prefix: PrefixConfig = Field(default_factory=PrefixConfig)
+    ia3: Ia3Config = Field(default_factory=Ia3Config)
+    bottleneck: BottleneckConfig = Field(default_factory=BottleneckConfig)
 
     @model_validator(mode="after")
     def _freeze_needs_a_target(self) -> "TuningConfig":
         if self.mode == "freeze" and self.freeze.train_top_layers is None and not self.freeze.train_modules:
             raise ValueError("tuning.mode=freeze needs tuning.freeze.train_top_layers or tuning.freeze.train_modules")
         return self
+
+    @model_validator(mode="after")
+    def _prefix_projection(self) -> "TuningConfig":
+        if self.mode == "ptuning_v2" and self.prefix.projection:
+            raise ValueError("tuning.mode=ptuning_v2 is prefix tuning without the projection; "
+                             "for a projected prefix use tuning.mode=prefix")
+        if self.mode in ("prefix", "ptuning_v2") and self.prefix.encoder_hidden_size and not self.prefix_projection():
+            raise ValueError("tuning.prefix.encoder_hidden_size is the projection's width; "
+                             "it needs tuning.prefix.projection=true (mode prefix)")
+        return self
+
+    def prefix_projection(self) -> bool:
+        """Whether the prefix is reparameterised: the option, else on for prefix and off for ptuning_v2."""
+        if self.prefix.projection is not None:
+            return self.prefix.projection
+        return self.mode == "prefix"
 
 
 class DataSource(_Section):
@@ -167,8 +294,8 @@ class RewardConfig(_Section):
 class PreferenceConfig(_Section):
     reference: Literal["auto", "adapters_off", "precomputed", "live"] = Field(
         "auto",
-        description="auto: adapters_off for LoRA, precomputed for the other modes; "
-        "live holds a frozen copy of the starting model",
+        description="auto: adapters_off for the adapter modes (LoRA, QLoRA, IA3, prompt/prefix, bottleneck), "
+        "precomputed for the others; live holds a frozen copy of the starting model",
     )
     reference_batch_size: int | None = Field(None, ge=1, description="batch for precomputing; default 2x batch_size")
     disable_dropout: bool = Field(
@@ -350,12 +477,57 @@ class RunConfig(_Section):
             raise ValueError(
                 f"preference.reference={ref}: method {self.method} uses no reference model; leave it at auto"
             )
-        if ref == "adapters_off" and self.tuning.mode != "lora":
+        if ref == "adapters_off" and self.tuning.mode not in ADAPTER_MODES:
             raise ValueError(
-                f"preference.reference=adapters_off needs tuning.mode=lora (given {self.tuning.mode}); "
-                f"use precomputed or live"
+                f"preference.reference=adapters_off needs tuning.mode=lora or another mode that keeps the base "
+                f"frozen under adapters ({', '.join(ADAPTER_MODES[1:])}); given {self.tuning.mode}. "
+                f"Use precomputed or live"
+            )
+        if ref == "adapters_off" and self.starts_from_kept_adapter():
+            raise ValueError(
+                f"preference.reference=adapters_off: model.name_or_path={self.model.name_or_path!r} is a "
+                f"{self.starts_from_kept_adapter()} adapter, which stays an adapter when loaded; with it off the "
+                f"reference would be its bare base, not the starting model. Use precomputed or live"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tuning_fits(self) -> "RunConfig":
+        """Combinations of tuning mode and method that cannot work, refused with the reason."""
+        mode, method = self.tuning.mode, self.method
+        if mode in PROMPT_MODES and self.data.packing and method in ("pretrain", "sft"):
+            how = ("adds its virtual tokens once per row, before the first sample only, and positions and attention "
+                   "run on across the samples" if mode in VIRTUAL_TOKEN_MODES else
+                   "puts its prefix in the key/value cache, and with a cache transformers does not build the mask "
+                   "that keeps packed samples apart")
+            raise ValueError(f"data.packing=true cannot be used with tuning.mode={mode} (method {method}): "
+                             f"{mode} {how}; set data.packing=false")
+        if mode in ("prefix", "ptuning_v2") and self.training.gradient_checkpointing:
+            raise ValueError(
+                f"training.gradient_checkpointing=true cannot be used with tuning.mode={mode}: transformers drops "
+                f"the key/value cache inside checkpointed layers, and the prefix lives in it"
+            )
+        if method == "reward" and (mode in UNMERGEABLE_MODES or mode == "qlora"):
+            why = ("merging into the 4-bit base would save a quantised, rounded model; use tuning.mode=lora"
+                   if mode == "qlora" else f"{mode} adapters cannot be merged into the weights")
+            raise ValueError(
+                f"method reward cannot use tuning.mode={mode}: a reward model is saved as a whole "
+                f"AutoModelForSequenceClassification with its adapter merged (posttrain score, PPO and the eval "
+                f"suites load it anywhere), and {why}"
+            )
+        if method in ONLINE_METHODS and self.online.generation.engine == "vllm" and mode not in VLLM_MODES:
+            raise ValueError(
+                f"online.generation.engine=vllm cannot sample from tuning.mode={mode} (method {method}): the engine "
+                f"loads merged weights under the base model's names ({', '.join(VLLM_MODES)}); "
+                f"use engine transformers or auto"
+            )
+        return self
+
+    def starts_from_kept_adapter(self) -> str | None:
+        """The kind of adapter at model.name_or_path when it is one that loading keeps unmerged, else None."""
+        from posttrain.tuning.kept import kept_adapter_kind
+
+        return kept_adapter_kind(self.model.name_or_path)
 
     def reference_mode(self) -> str | None:
         """How the reference log-probs are obtained, or None for methods that use none."""
@@ -366,7 +538,7 @@ class RunConfig(_Section):
             return None
         if self.preference.reference != "auto":
             return self.preference.reference
-        if self.tuning.mode == "lora":
+        if self.tuning.mode in ADAPTER_MODES and not self.starts_from_kept_adapter():
             return "adapters_off"
         # Online samples are new every step, so their reference log-probs cannot be computed in advance.
         return "live" if self.method in ONLINE_METHODS else "precomputed"

@@ -104,6 +104,16 @@ def _model_dir(source: Source) -> tuple[str, str]:
     return str(source.path), f"the model {source.path}"
 
 
+def _root_model(name: str) -> str:
+    """The full model under a chain of adapters (LoRA DPO trained on a LoRA SFT adapter names that adapter)."""
+    seen = set()
+    while (Path(name) / "adapter_config.json").is_file() and name not in seen:
+        seen.add(name)
+        cfg = json.loads((Path(name) / "adapter_config.json").read_text(encoding="utf-8"))
+        name = cfg.get("base_model_name_or_path") or name
+    return name
+
+
 def source_config(source: Source):
     """The config of the model (or the adapter's base), checked to be a local causal LM; reads no weights."""
     from transformers import AutoConfig
@@ -115,7 +125,7 @@ def source_config(source: Source):
             f"in adapter_config.json at a local copy of the base"
         )
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(_root_model(name))
     except (OSError, ValueError) as exc:
         raise PosttrainError(f"export: cannot read the config of {what}: {exc}") from None
     arch = (getattr(config, "architectures", None) or [""])[0]
@@ -169,6 +179,13 @@ def stored_dtype(config) -> str:
 def _load_weights(name: str, config, what: str, log):
     from transformers import AutoModelForCausalLM
 
+    if (Path(name) / "adapter_config.json").is_file():
+        # The base is itself an adapter stage: posttrain's loader merges the chain down to a full model.
+        from posttrain.config import ModelConfig
+        from posttrain.models.load import load_model
+
+        log(f"loading {name} (an adapter over {_root_model(name)}) merged, in float32")
+        return load_model(ModelConfig(name_or_path=name, dtype="float32"))
     log(f"loading {name} in float32")
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=torch.float32,

@@ -78,8 +78,7 @@ class TransformersEngine:
         self.model.eval()
         try:
             with torch.no_grad(), _seeded(params.seed):
-                for start in range(0, len(rows), self.batch_size):
-                    batch = rows[start : start + self.batch_size]
+                for batch in self._batches(rows, prompts):
                     for index, generation in zip(batch, self._generate_batch([prompts[i] for i in batch], params)):
                         generation.prompt_index = index
                         results[index].append(generation)
@@ -87,6 +86,23 @@ class TransformersEngine:
             for module, training in modes.items():
                 module.training = training
         return results
+
+    def _batches(self, rows: list[int], prompts: list[list[int]]) -> list[list[int]]:
+        """Rows in batches of at most ``batch_size``; prompts of one length together for virtual-token models.
+
+        peft ignores position ids when it puts virtual tokens (prompt tuning, P-tuning) in front of
+        the input, so left padding would shift every prompt token's position by the padding and the
+        sampled tokens would not follow the log-probs the trainer computes on unpadded rows.
+        """
+        from posttrain.tuning.prompt import has_virtual_tokens
+
+        groups = [rows]
+        if has_virtual_tokens(self.model):
+            by_length: dict[int, list[int]] = {}
+            for i in rows:
+                by_length.setdefault(len(prompts[i]), []).append(i)
+            groups = list(by_length.values())
+        return [g[start : start + self.batch_size] for g in groups for start in range(0, len(g), self.batch_size)]
 
     def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         device = next(self.model.parameters()).device

@@ -9,16 +9,17 @@ from __future__ import annotations
 from posttrain.config import ModelConfig
 from posttrain.errors import PosttrainError
 from posttrain.models.load import _where, is_adapter_folder, resolve_dtype
+from posttrain.tuning.kept import kept_adapter_kind
 
 
 def load_reward_model(cfg: ModelConfig, tuning_mode: str, pad_token_id: int):
     """A one-output sequence classifier on ``cfg``'s backbone; the head is new unless the checkpoint has one."""
     from transformers import AutoModelForSequenceClassification
 
-    if is_adapter_folder(cfg.name_or_path):
+    if is_adapter_folder(cfg.name_or_path) or kept_adapter_kind(cfg.name_or_path):
         raise PosttrainError(
-            f"model.name_or_path={cfg.name_or_path!r} is a LoRA adapter; a reward model starts from a whole model. "
-            f"Merge it first, or train the reward model from the adapter's base model"
+            f"model.name_or_path={cfg.name_or_path!r} is an adapter; a reward model starts from a whole model. "
+            f"Merge it first (a LoRA or IA3 adapter), or train the reward model from the adapter's base model"
         )
     kwargs = {"dtype": resolve_dtype(cfg, tuning_mode), "trust_remote_code": cfg.trust_remote_code, "num_labels": 1}
     if cfg.attn_implementation:
@@ -60,8 +61,8 @@ def load_value_model(cfg, pad_token_id: int):
     name = cfg.online.ppo.value_model or cfg.model.name_or_path
     mcfg = ModelConfig(name_or_path=name, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
                        trust_remote_code=cfg.model.trust_remote_code)
-    if is_adapter_folder(name):
-        raise PosttrainError(f"online.ppo.value_model={name!r} is a LoRA adapter; give a whole model")
+    if is_adapter_folder(name) or kept_adapter_kind(name):
+        raise PosttrainError(f"online.ppo.value_model={name!r} is an adapter; give a whole model")
     kwargs = {"dtype": resolve_dtype(mcfg, "full"), "trust_remote_code": mcfg.trust_remote_code, "num_labels": 1}
     try:
         model = AutoModelForTokenClassification.from_pretrained(name, **kwargs)

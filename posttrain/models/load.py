@@ -29,9 +29,14 @@ def load_tokenizer(cfg: ModelConfig):
     return tok
 
 
-def resolve_dtype(cfg: ModelConfig, tuning_mode: str) -> torch.dtype:
+def resolve_dtype(cfg: ModelConfig, tuning_mode: str, qlora=None) -> torch.dtype:
     if cfg.dtype != "auto":
         return _DTYPES[cfg.dtype]
+    if tuning_mode == "qlora":
+        from posttrain.config import QloraConfig
+        from posttrain.tuning.qlora import compute_dtype
+
+        return compute_dtype(qlora or QloraConfig())
     # Full-precision master weights for anything the optimizer updates in place; a frozen
     # base under adapters can live in bf16 on GPU and halve its memory.
     if tuning_mode == "lora" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -43,25 +48,81 @@ def is_adapter_folder(name: str) -> bool:
     return (Path(name) / "adapter_config.json").is_file()
 
 
-def load_model(cfg: ModelConfig, tuning_mode: str = "full"):
-    """The causal LM of ``cfg``; a LoRA run's output (an adapter folder) is loaded onto its base and merged.
+def _adapter_base(folder: str) -> str:
+    import json
 
-    Merging makes the adapter's training part of the starting model, so a later stage (DPO after
-    LoRA SFT) starts from, and takes as its reference, the SFT model and not the bare base.
+    path = Path(folder) / "adapter_config.json"
+    try:
+        base = json.loads(path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise PosttrainError(f"cannot read {path}: {exc}") from None
+    if not base:
+        raise PosttrainError(f"{path} names no base model (base_model_name_or_path)")
+    return base
+
+
+def load_model(cfg: ModelConfig, tuning_mode: str = "full", qlora=None):
+    """The causal LM of ``cfg``; an adapter folder is loaded onto its base (itself loaded this way, recursively).
+
+    LoRA and IA3 adapters are merged: the adapter's training becomes part of the starting model, so a
+    later stage (DPO after LoRA SFT) starts from, and takes as its reference, the SFT model and not the
+    bare base. The merged model's ``name_or_path`` is the adapter folder, so an adapter trained on it
+    names that folder as its base. Prompt-learning and bottleneck adapters cannot be merged: they are
+    kept, frozen, on their base (a later stage of the same mode continues training them).
+
+    ``tuning_mode="qlora"`` loads the weights quantised by bitsandbytes (``qlora``: ``tuning.qlora``).
     """
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"dtype": resolve_dtype(cfg, tuning_mode), "trust_remote_code": cfg.trust_remote_code}
+    from posttrain.tuning.kept import kept_adapter_kind
+
+    if tuning_mode == "qlora":
+        from posttrain.tuning.qlora import require_qlora_support
+
+        require_qlora_support()
+    name = cfg.name_or_path
+    kind = kept_adapter_kind(name)
+    if kind == "bottleneck":
+        from posttrain.tuning.bottleneck import load_bottleneck, read_spec
+
+        return load_bottleneck(load_model(_base_cfg(cfg, read_spec(name)["base_model_name_or_path"]), tuning_mode,
+                                          qlora), name)
+    if is_adapter_folder(name):
+        from peft import PeftModel
+
+        base = load_model(_base_cfg(cfg, _adapter_base(name)), tuning_mode, qlora)
+        try:
+            model = PeftModel.from_pretrained(base, name)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise PosttrainError(f"cannot load the adapter model.name_or_path={name!r}: {exc}") from None
+        if kind is not None:
+            from posttrain.tuning.prompt import align_virtual_tokens
+
+            align_virtual_tokens(model)
+            return model
+        merged = model.merge_and_unload()
+        merged.name_or_path = name
+        return merged
+    kwargs = {"dtype": resolve_dtype(cfg, tuning_mode, qlora), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    try:
-        if is_adapter_folder(cfg.name_or_path):
-            from peft import AutoPeftModelForCausalLM
+    if tuning_mode == "qlora":
+        import os
 
-            return AutoPeftModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs).merge_and_unload()
-        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
+        from posttrain.config import QloraConfig
+        from posttrain.tuning.qlora import quantization_config
+
+        kwargs["quantization_config"] = quantization_config(qlora or QloraConfig())
+        # Quantised weights are placed at load time: on this process's GPU.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise PosttrainError(f"cannot load model.name_or_path={cfg.name_or_path!r} ({_where(cfg.name_or_path)}): {exc}") from None
+        raise PosttrainError(f"cannot load model.name_or_path={name!r} ({_where(name)}): {exc}") from None
+
+
+def _base_cfg(cfg: ModelConfig, base: str) -> ModelConfig:
+    return cfg.model_copy(update={"name_or_path": base})
 
 
 def disable_dropout(model) -> int:

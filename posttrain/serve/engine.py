@@ -143,7 +143,10 @@ def _adapter_base(adapter_dir: Path) -> str:
 
 def _base_name(base: str) -> str:
     path = Path(base)
-    return path.resolve().name if path.exists() else base
+    if not path.exists():
+        return base
+    path = path.resolve()
+    return path.parent.name if path.name == "final" else path.name  # a run's final/ is named after the run
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -383,7 +386,15 @@ class TransformersBackend(Backend):
             torch_dtype = _DTYPES[dtype]
         try:
             tokenizer = AutoTokenizer.from_pretrained(models.tokenizer_path)
-            model = AutoModelForCausalLM.from_pretrained(models.base_path, dtype=torch_dtype)
+            if (Path(models.base_path) / "adapter_config.json").is_file():
+                # The base is itself an adapter stage (LoRA DPO on a LoRA SFT run): merged down to a full model.
+                from posttrain.config import ModelConfig
+                from posttrain.models.load import load_model
+
+                dtype_name = str(torch_dtype).replace("torch.", "")
+                model = load_model(ModelConfig(name_or_path=models.base_path, dtype=dtype_name))
+            else:
+                model = AutoModelForCausalLM.from_pretrained(models.base_path, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
             raise PosttrainError(f"cannot load the model {models.base_path}: {exc}") from None
         model.to(device).eval()

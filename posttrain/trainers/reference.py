@@ -2,7 +2,8 @@
 
 Three ways, one result (``tests/invariants/test_reference.py`` checks they agree):
 
-- ``adapters_off`` (LoRA runs): the policy itself with its adapters disabled; no second model.
+- ``adapters_off`` (adapter modes: LoRA, QLoRA, IA3, prompt learning, bottleneck): the policy itself
+  with its adapters disabled; no second model.
 - ``precomputed`` (default for full, freeze, BitFit): the starting model scores every
   training and eval sequence once before training; the log-probs are cached on disk,
   keyed by the data fingerprint and a hash of the model's weights, so no second model is
@@ -21,8 +22,8 @@ import numpy as np
 import torch
 
 from posttrain.io import atomic_write_bytes
-from posttrain.models.checkpoint import is_peft
 from posttrain.models.logprobs import per_token_logps, sequence_logps
+from posttrain.tuning import adapters_disabled
 
 
 # Bump when the way reference log-probs are computed changes, so stale caches are never reused.
@@ -53,7 +54,7 @@ class Reference:
     def token_logps(self, policy, inputs: dict, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """(B, T-1) reference log-probs of each labelled token, 0 elsewhere; ``temperature`` divides the logits."""
         model = self.model if self.mode == "live" else unwrap(policy)
-        ctx = model.disable_adapter() if self.mode == "adapters_off" else contextlib.nullcontext()
+        ctx = adapters_disabled(model) if self.mode == "adapters_off" else contextlib.nullcontext()
         was_training = model.training
         model.eval()  # the reference is the model without dropout
         try:
@@ -79,10 +80,13 @@ def scorer(model):
 
 
 def weights_fingerprint(model) -> str:
-    """A hash of the model's weights and dtypes as loaded: any change to them means new reference log-probs."""
+    """A hash of the model's weights and dtypes as loaded: any change to them means new reference log-probs.
+
+    A starting model with an adapter kept on it (a prompt-tuned or bottleneck stage's output) is
+    hashed whole, adapter included: two such starts on one base have different references.
+    """
     h = hashlib.sha256()
-    base = model.get_base_model() if is_peft(model) else model
-    for name, tensor in sorted(base.state_dict().items()):
+    for name, tensor in sorted(model.state_dict().items()):
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(memoryview(tensor.detach().cpu().contiguous().view(torch.uint8).numpy()))
     return h.hexdigest()[:20]

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from posttrain import __version__
-from posttrain.config import ONLINE_METHODS, RunConfig, dump_config
-from posttrain.errors import PosttrainError
+from posttrain.config import ONLINE_METHODS, VLLM_MODES, RunConfig, dump_config
+from posttrain.errors import ConfigError, PosttrainError
 from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models.checkpoint import is_peft, save_model
 from posttrain.trainers.supervised import SupervisedMethod
@@ -65,6 +65,21 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
 
     import torch
 
+    if cfg.tuning.mode == "qlora":  # before any data work: refused on a machine that cannot run it
+        from posttrain.tuning.qlora import require_qlora_support
+
+        require_qlora_support()
+    kept = cfg.starts_from_kept_adapter()
+    if kept:  # refused before any data work, not after
+        from posttrain.tuning.kept import check_continuation
+
+        check_continuation(cfg.tuning.mode, kept)
+    if kept and cfg.preference.reference == "adapters_off":
+        # Checked again here: in a pipeline the folder may not have existed when the config was validated.
+        raise ConfigError(
+            f"preference.reference=adapters_off: model.name_or_path={cfg.model.name_or_path!r} is a {kept} adapter, "
+            f"kept unmerged when loaded; with it off the reference would be its bare base. Use precomputed or live"
+        )
     # accelerate forms a gloo process group for CPU launches (torchrun, accelerate launch) only when told cpu=True.
     acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available())
     say = log if acc.is_main_process else (lambda *a, **k: None)
@@ -91,7 +106,7 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if cfg.method == "reward":
         model = load_reward_model(cfg.model, cfg.tuning.mode, tokenizer.pad_token_id)
     else:
-        model = load_model(cfg.model, cfg.tuning.mode)
+        model = load_model(cfg.model, cfg.tuning.mode, qlora=cfg.tuning.qlora)
     eval_before = _evaluate_start(cfg, acc, model, tokenizer, out, resume, say)
     if cfg.method in ONLINE_METHODS:
         method = None
@@ -218,7 +233,10 @@ def _reference(cfg: RunConfig, acc):
     if mode == "live":
         from posttrain.models.load import load_model
 
-        return Reference("live", load_model(cfg.model, cfg.tuning.mode).to(acc.device).eval().requires_grad_(False))
+        ref = load_model(cfg.model, cfg.tuning.mode, qlora=cfg.tuning.qlora)
+        if cfg.tuning.mode != "qlora":  # a quantised model is placed on its GPU when loaded
+            ref = ref.to(acc.device)
+        return Reference("live", ref.eval().requires_grad_(False))
     return Reference("adapters_off") if mode == "adapters_off" else None
 
 
@@ -230,7 +248,9 @@ def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts
 
     stop_ids = stop_token_ids(tokenizer)
     gen = cfg.online.generation
-    engine = make_engine(gen.engine, model, tokenizer, stop_token_ids=stop_ids, model_path=cfg.model.name_or_path,
+    # vLLM samples from merged weights under the base's names: other modes sample through transformers.
+    kind = gen.engine if gen.engine != "auto" or cfg.tuning.mode in VLLM_MODES else "transformers"
+    engine = make_engine(kind, model, tokenizer, stop_token_ids=stop_ids, model_path=cfg.model.name_or_path,
                          batch_size=gen.batch_size)
     rewards = build_rewards(cfg.online.rewards) if cfg.online.rewards else None
     judge = None

@@ -236,3 +236,24 @@ def test_gguf_of_another_architecture_is_refused_before_loading_weights(tiny_mod
     with pytest.raises(PosttrainError, match="model_type is 'qwen2'"):
         export_model(tmp_path / "qwen", tmp_path / "out", gguf=True, log=logged.append)
     assert logged == [] and not (tmp_path / "out").exists()
+
+
+def test_an_adapter_trained_on_an_adapter_stage_exports_the_whole_chain(lora_run, tiny_model, prompts, tmp_path):
+    """LoRA DPO after LoRA SFT names the SFT adapter as its base: the export holds both, merged."""
+    from posttrain.config import ModelConfig
+    from posttrain.models.load import load_model
+
+    sft = load_model(ModelConfig(name_or_path=str(lora_run / "final")))  # the SFT adapter merged
+    torch.manual_seed(3)
+    second = get_peft_model(sft, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    top = tmp_path / "second"
+    second.save_pretrained(str(top))
+    AutoTokenizer.from_pretrained(lora_run / "final").save_pretrained(str(top))
+    assert json.loads((top / "adapter_config.json").read_text())["base_model_name_or_path"] == str(lora_run / "final")
+
+    export_model(top, tmp_path / "out", log=_quiet)
+    exported = _logits(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), prompts)
+    torch.testing.assert_close(exported, _logits(second.eval(), prompts), rtol=0, atol=1e-4)
+    only_sft = _logits(load_model(ModelConfig(name_or_path=str(lora_run / "final"))), prompts)
+    base = _logits(AutoModelForCausalLM.from_pretrained(tiny_model), prompts)
+    assert (exported - only_sft).abs().max() > 1e-3 and (exported - base).abs().max() > 1e-3

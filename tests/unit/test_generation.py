@@ -194,6 +194,29 @@ def test_works_on_a_peft_model(model, tokenizer, end_of_turn, engine, prompts):
     assert [g.completion_ids for [g] in out] == [g.completion_ids for [g] in expected]
 
 
+@pytest.mark.parametrize("mode", ["prompt", "ptuning", "prefix", "bottleneck"])
+def test_prompt_learning_and_bottleneck_models_sample_what_they_score(model, tokenizer, end_of_turn, prompts, mode):
+    from posttrain.config import TuningConfig
+    from posttrain.tuning import apply_tuning
+
+    tuned = apply_tuning(copy.deepcopy(model), TuningConfig(
+        mode=mode, prompt={"num_virtual_tokens": 4, "init": "random"}, ptuning={"num_virtual_tokens": 4},
+        prefix={"num_virtual_tokens": 4}))
+    torch.manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter (bottleneck adapters start as the identity)
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    assert len({len(p) for p in prompts}) == len(prompts)  # one batch, three lengths: left padding in play
+    out = TransformersEngine(tuned, tokenizer, stop_token_ids=[end_of_turn]).generate(
+        prompts, SamplingParams(max_new_tokens=6, temperature=0.8, seed=0))
+    for prompt, [g] in zip(prompts, out):
+        expected = teacher_forced_logps(tuned, prompt, g.completion_ids, 0.8)
+        torch.testing.assert_close(torch.tensor(g.logprobs), expected, atol=1e-5, rtol=0)
+    base = teacher_forced_logps(model, prompts[0], out[0][0].completion_ids, 0.8)
+    assert (base - teacher_forced_logps(tuned, prompts[0], out[0][0].completion_ids, 0.8)).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize(
     "bad",
     [
