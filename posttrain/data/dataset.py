@@ -98,7 +98,8 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
 
 
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (a clear error when it cannot be read)."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
@@ -123,8 +124,8 @@ def fingerprint(cfg: DataConfig, tokenizer, method: str, seed: int) -> str:
         "method": method,
         "seed": seed,
         "settings": cfg.model_dump(exclude={"train", "eval", "cache_dir"}),
-        "train": [(s.model_dump(), _file_digest(s.path)) for s in cfg.train],
-        "eval": [(s.model_dump(), _file_digest(s.path)) for s in cfg.eval],
+        "train": [(s.model_dump(), file_digest(s.path)) for s in cfg.train],
+        "eval": [(s.model_dump(), file_digest(s.path)) for s in cfg.eval],
         "tokenizer": tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]

@@ -63,15 +63,21 @@ def distill_token_losses(
     beta: float = 0.5,
 ) -> torch.Tensor:
     """Per-token divergence (B, L) between full teacher and student logits (B, L, V), times T², masked."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student and teacher logits must have the same shape (B, L, V); got {tuple(student_logits.shape)} "
             f"and {tuple(teacher_logits.shape)} (do they share the tokenizer?)"
         )
-    log_q = torch.log_softmax(_wide(student_logits) / temperature, dim=-1)
-    log_p = torch.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
+    return _tempered(student_logits, teacher_logits, mask, kind, temperature, beta)
+
+
+def _tempered(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, kind: str, temperature: float,
+              beta: float) -> torch.Tensor:
+    """The divergence of softmax(scores / T) over the last dim (aligned ids), times T², masked."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+    log_q = torch.log_softmax(_wide(student) / temperature, dim=-1)
+    log_p = torch.log_softmax(_wide(teacher) / temperature, dim=-1)
     return divergence(log_p, log_q, kind, beta) * temperature**2 * mask.to(log_q.dtype)
 
 
@@ -90,17 +96,13 @@ def distill_token_losses_topk(
     ``teacher_logps``: the teacher's log-probs at temperature 1 of the ids ``teacher_ids`` (B, L, k).
     They are re-tempered here (``log p / T``, renormalised over the k ids), so one cache serves any T.
     """
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
     if teacher_logps.shape != teacher_ids.shape or teacher_ids.shape[:2] != student_logits.shape[:2]:
         raise ValueError(
             f"teacher top-k log-probs {tuple(teacher_logps.shape)} and ids {tuple(teacher_ids.shape)} must both be "
             f"(B, L, k) with (B, L) = {tuple(student_logits.shape[:2])}"
         )
     student_at = torch.gather(_wide(student_logits), -1, teacher_ids.long())
-    log_q = torch.log_softmax(student_at / temperature, dim=-1)
-    log_p = torch.log_softmax(_wide(teacher_logps) / temperature, dim=-1)
-    return divergence(log_p, log_q, kind, beta) * temperature**2 * mask.to(log_q.dtype)
+    return _tempered(student_at, teacher_logps, mask, kind, temperature, beta)
 
 
 __all__ = ["KINDS", "divergence", "distill_token_losses", "distill_token_losses_topk"]

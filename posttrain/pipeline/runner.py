@@ -91,9 +91,9 @@ def _decide(stage: Stage, fp: str, efp: str | None, saved: dict, force: bool) ->
         if efp is not None and saved.get("eval_fingerprint") != efp:
             return Step(stage, "evaluate", fp, efp, "trained; its eval section changed")
         return Step(stage, "skip", fp, efp, "done with the same config and inputs")
-    if same and _checkpoints(out):
-        last = _checkpoints(out)[-1]
-        return Step(stage, "resume", fp, efp, f"interrupted; resuming from {last.name}")
+    checkpoints = _checkpoints(out) if same else []
+    if checkpoints:
+        return Step(stage, "resume", fp, efp, f"interrupted; resuming from {checkpoints[-1].name}")
     if not out.exists() or not any(out.iterdir()):
         return Step(stage, "run", fp, efp, "not run yet")
     if same:
@@ -252,14 +252,12 @@ def _strings(node):
 
 
 def _file_digest(path: Path) -> str:
+    from posttrain.data.dataset import file_digest
+
     st = path.stat()
     if st.st_size > _HASH_FILES_UP_TO:
         return f"size:{st.st_size}:mtime:{st.st_mtime_ns}"
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(str(path))
 
 
 def _folder_summary(path: Path) -> str:
@@ -272,12 +270,9 @@ def _folder_summary(path: Path) -> str:
 
 
 def _checkpoints(out: Path) -> list[Path]:
-    root = out / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.name.startswith("step-") and p.name[5:].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[5:]))
+    from posttrain.trainers.loop import list_checkpoints
+
+    return [path for _, path in list_checkpoints(out / "checkpoints")]
 
 
 def _digest(obj) -> str:

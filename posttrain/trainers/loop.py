@@ -441,14 +441,7 @@ class Trainer:
         """Counterpart of ``_save_extra`` on resume."""
 
     def _checkpoints(self) -> list[tuple[int, Path]]:
-        if not self.ckpt_root.is_dir():
-            return []
-        found = []
-        for p in self.ckpt_root.iterdir():
-            m = re.fullmatch(r"step-(\d+)", p.name)
-            if m and (p / "trainer_state.json").is_file():
-                found.append((int(m.group(1)), p))
-        return sorted(found)
+        return list_checkpoints(self.ckpt_root)
 
     def _rotate_checkpoints(self) -> None:
         limit = self.tcfg.save_total_limit
@@ -485,6 +478,18 @@ class Trainer:
             return False
         load_weights(self.acc.unwrap_model(self.model), path)
         return True
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint under ``root`` (an output dir's checkpoints/), oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = re.fullmatch(r"step-(\d+)", p.name)
+        if m and (p / "trainer_state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
 
 
 class _Writers:
