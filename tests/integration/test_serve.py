@@ -352,3 +352,31 @@ def test_training_run_dirs_are_served(tmp_path, tiny_model, lora_dir, client):
     # A full-model run: final/ is the model itself, served under the run's name.
     shutil.copytree(tiny_model, tmp_path / "full-run" / "final")
     assert load_backend(str(tmp_path / "full-run"), device="cpu").model_ids == ["full-run"]
+
+
+def test_an_adapter_trained_on_an_adapter_run_is_served_over_the_merged_chain(tmp_path, tiny_model):
+    """LoRA DPO after LoRA SFT names the SFT run's adapter as its base: both adapters must be in the served model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.config import ModelConfig
+    from posttrain.models.load import load_model
+
+    sft = make_lora(tiny_model, tmp_path / "sft" / "final")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(sft)
+    torch.manual_seed(1)
+    second = get_peft_model(load_model(ModelConfig(name_or_path=str(sft))),
+                            LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    second.save_pretrained(tmp_path / "dpo" / "final")
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(tmp_path / "dpo" / "final")
+
+    backend = load_backend(str(tmp_path / "dpo"), device="cpu")
+    assert backend.model_ids == ["dpo", "sft"]  # the base is named after its run, not "final"
+    ids = torch.tensor([backend.chat_prompt(HI)])
+    backend.model.set_adapter("dpo")
+    with torch.no_grad():
+        served = backend.model(ids).logits
+        expected = second.eval()(ids).logits
+        bare = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
+    torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
+    assert (served - bare).abs().max() > 1e-2
