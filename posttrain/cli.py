@@ -162,15 +162,11 @@ def _serve(args) -> None:
 
 
 def _chat(args) -> None:
-    from pathlib import Path
-
     from posttrain.serve.chat import chat_loop
     from posttrain.serve.engine import load_backend
 
-    adapters = {}
-    if args.adapter:
-        folder = Path(args.adapter).resolve()
-        adapters[folder.parent.name if folder.name == "final" else folder.name] = args.adapter
+    # A fixed id: named after its folder, it could clash with the base's name, and chat has no way to rename it.
+    adapters = {"adapter": args.adapter} if args.adapter else {}
     backend = load_backend(args.model, adapters, backend="transformers", dtype=args.dtype)
     chat_loop(backend, model=next(iter(adapters), None), system=args.system, temperature=args.temperature,
               top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)

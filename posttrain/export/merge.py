@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from posttrain.errors import PosttrainError
+from posttrain.models.load import adapter_base, is_adapter_folder, root_model
+from posttrain.tuning.kept import kept_adapter_kind
 
 _FLOAT_STORAGE = {"F64", "F32", "F16", "BF16"}
 _WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -60,7 +62,14 @@ def resolve_source(path: str | Path) -> Source:
                 f"export: {run_dir} is a training run without a final/ model (run.json status: "
                 f"{_run_status(run_dir)}); finish it (posttrain train CONFIG --resume) before exporting"
             )
-    if (p / "adapter_config.json").is_file():
+    kind = kept_adapter_kind(p)
+    if kind is not None:
+        raise PosttrainError(
+            f"export: {p} holds a {kind} adapter, which cannot be merged into its base (it adds virtual tokens "
+            f"or layers of its own). Use it where posttrain loads it (posttrain train / eval with "
+            f"model.name_or_path={p}); export works on full, freeze, BitFit, LoRA and IA3 outputs"
+        )
+    if is_adapter_folder(p):
         return _adapter_source(p, run_dir)
     if (p / "config.json").is_file():
         if not any(any(p.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
@@ -91,10 +100,7 @@ def _adapter_source(p: Path, run_dir: Path | None) -> Source:
         raise PosttrainError(
             f"export: the adapter in {p} has task_type {task!r}; export handles causal language models (CAUSAL_LM)"
         )
-    base = cfg.get("base_model_name_or_path")
-    if not base:
-        raise PosttrainError(f"export: {p}/adapter_config.json names no base_model_name_or_path")
-    return Source(p, "adapter", run_dir, base)
+    return Source(p, "adapter", run_dir, adapter_base(p))
 
 
 def _model_dir(source: Source) -> tuple[str, str]:
@@ -104,14 +110,6 @@ def _model_dir(source: Source) -> tuple[str, str]:
     return str(source.path), f"the model {source.path}"
 
 
-def _root_model(name: str) -> str:
-    """The full model under a chain of adapters (LoRA DPO trained on a LoRA SFT adapter names that adapter)."""
-    seen = set()
-    while (Path(name) / "adapter_config.json").is_file() and name not in seen:
-        seen.add(name)
-        cfg = json.loads((Path(name) / "adapter_config.json").read_text(encoding="utf-8"))
-        name = cfg.get("base_model_name_or_path") or name
-    return name
 
 
 def source_config(source: Source):
@@ -125,7 +123,7 @@ def source_config(source: Source):
             f"in adapter_config.json at a local copy of the base"
         )
     try:
-        config = AutoConfig.from_pretrained(_root_model(name))
+        config = AutoConfig.from_pretrained(root_model(name))
     except (OSError, ValueError) as exc:
         raise PosttrainError(f"export: cannot read the config of {what}: {exc}") from None
     arch = (getattr(config, "architectures", None) or [""])[0]
@@ -179,12 +177,12 @@ def stored_dtype(config) -> str:
 def _load_weights(name: str, config, what: str, log):
     from transformers import AutoModelForCausalLM
 
-    if (Path(name) / "adapter_config.json").is_file():
+    if is_adapter_folder(name):
         # The base is itself an adapter stage: posttrain's loader merges the chain down to a full model.
         from posttrain.config import ModelConfig
         from posttrain.models.load import load_model
 
-        log(f"loading {name} (an adapter over {_root_model(name)}) merged, in float32")
+        log(f"loading {name} (an adapter over {root_model(name)}) merged, in float32")
         return load_model(ModelConfig(name_or_path=name, dtype="float32"))
     log(f"loading {name} in float32")
     try:

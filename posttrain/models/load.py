@@ -48,7 +48,8 @@ def is_adapter_folder(name: str) -> bool:
     return (Path(name) / "adapter_config.json").is_file()
 
 
-def _adapter_base(folder: str) -> str:
+def adapter_base(folder: str | Path) -> str:
+    """The base model an adapter folder names (``base_model_name_or_path``); a clear error when it names none."""
     import json
 
     path = Path(folder) / "adapter_config.json"
@@ -59,6 +60,15 @@ def _adapter_base(folder: str) -> str:
     if not base:
         raise PosttrainError(f"{path} names no base model (base_model_name_or_path)")
     return base
+
+
+def root_model(name: str) -> str:
+    """The full model under a chain of adapter folders (LoRA DPO on a LoRA SFT run names that run's adapter)."""
+    seen = set()
+    while is_adapter_folder(name) and name not in seen:
+        seen.add(name)
+        name = adapter_base(name)
+    return name
 
 
 def load_model(cfg: ModelConfig, tuning_mode: str = "full", qlora=None):
@@ -90,7 +100,7 @@ def load_model(cfg: ModelConfig, tuning_mode: str = "full", qlora=None):
     if is_adapter_folder(name):
         from peft import PeftModel
 
-        base = load_model(_base_cfg(cfg, _adapter_base(name)), tuning_mode, qlora)
+        base = load_model(_base_cfg(cfg, adapter_base(name)), tuning_mode, qlora)
         try:
             model = PeftModel.from_pretrained(base, name)
         except (OSError, ValueError, RuntimeError) as exc:

@@ -176,7 +176,7 @@ async def _wait(job: Job, request: Request) -> tuple[bool, list[str]]:
     while pending:
         try:
             event = await asyncio.wait_for(job.events.get(), max(0.0, next_check - loop.time()))
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             event = None
         # Checked on a clock, not only when idle: a long generation sends events all the time.
         if loop.time() >= next_check:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import logging
 import threading
 from collections.abc import Callable
@@ -27,6 +26,8 @@ from pathlib import Path
 import torch
 
 from posttrain.errors import MissingExtraError, PosttrainError
+from posttrain.models.load import adapter_base, is_adapter_folder
+from posttrain.tuning.kept import kept_adapter_kind
 from posttrain.serve.schemas import ApiError
 
 log = logging.getLogger("posttrain.serve")
@@ -116,37 +117,32 @@ class ModelSet:
         return [self.default] + [i for i in (self.base_id, *self.adapters) if i != self.default]
 
 
+def _served_name(path: Path) -> str:
+    """The id a folder is served as: its name, or its run's name for a run's ``final/``."""
+    path = path.resolve()
+    return path.parent.name if path.name == "final" else path.name
+
+
 def _model_dir(path: Path) -> tuple[Path, str]:
     """The model folder of ``path`` (a run's ``final/`` when it is a training run) and the name to serve it as."""
     if (path / "final").is_dir():
-        return path / "final", path.resolve().name
-    if path.is_dir() and not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        path = path / "final"
+    kind = kept_adapter_kind(path)
+    if kind is not None:
+        raise PosttrainError(
+            f"{path} holds a {kind} adapter; serving takes full models and LoRA / IA3 adapters (a {kind} adapter "
+            f"adds virtual tokens or layers that the streaming decoder does not handle). Evaluate it with "
+            f"posttrain eval instead"
+        )
+    if path.is_dir() and not (path / "config.json").is_file() and not is_adapter_folder(path):
         hint = " (the run has no final/ model yet: serve one of its checkpoints/ instead)" if (
             path / "run.json").is_file() else ""
         raise PosttrainError(f"{path} holds no model (no config.json, adapter_config.json or final/){hint}")
-    name = path.resolve().name
-    if name == "final":
-        name = path.resolve().parent.name
-    return path, name
-
-
-def _adapter_base(adapter_dir: Path) -> str:
-    try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PosttrainError(f"cannot read {adapter_dir / 'adapter_config.json'}: {exc}") from None
-    base = config.get("base_model_name_or_path")
-    if not base:
-        raise PosttrainError(f"{adapter_dir / 'adapter_config.json'} names no base_model_name_or_path")
-    return str(base)
+    return path, _served_name(path)
 
 
 def _base_name(base: str) -> str:
-    path = Path(base)
-    if not path.exists():
-        return base
-    path = path.resolve()
-    return path.parent.name if path.name == "final" else path.name  # a run's final/ is named after the run
+    return _served_name(Path(base)) if Path(base).exists() else base
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -169,8 +165,8 @@ def resolve_models(model_or_run_dir: str, adapters: dict[str, str] | None = None
     else:
         raise PosttrainError(f"{model_or_run_dir} does not exist (give a model folder or a training run's folder)")
     served: dict[str, str] = {}
-    if (model_dir / "adapter_config.json").is_file():
-        base_path = _adapter_base(model_dir)
+    if is_adapter_folder(model_dir):
+        base_path = adapter_base(model_dir)
         served[name] = str(model_dir)
         base_id = _base_name(base_path)
     else:
@@ -181,10 +177,10 @@ def resolve_models(model_or_run_dir: str, adapters: dict[str, str] | None = None
         if adapter_id in served or adapter_id == base_id:
             raise PosttrainError(f"--adapter {adapter_id}=...: the id {adapter_id!r} is already served; pick another")
         adapter_dir, _ = _model_dir(Path(adapter_path)) if Path(adapter_path).exists() else (Path(adapter_path), "")
-        if not (adapter_dir / "adapter_config.json").is_file():
+        if not is_adapter_folder(adapter_dir):
             raise PosttrainError(f"--adapter {adapter_id}={adapter_path}: not a LoRA adapter folder "
                                  "(no adapter_config.json there or in its final/)")
-        own_base = _adapter_base(adapter_dir)
+        own_base = adapter_base(adapter_dir)
         if not _same_model(own_base, base_path):
             log.warning("adapter %s was trained on %s; it is served over %s", adapter_id, own_base, base_path)
         served[adapter_id] = str(adapter_dir)
@@ -247,11 +243,13 @@ class Backend:
             except Exception as exc:  # noqa: BLE001 - a template may raise anything (raise_exception, bad roles)
                 raise ApiError(400, f"the model's chat template cannot render these messages: {exc}",
                                param="messages") from None
+            _check_utf8(text, "messages")
             # The template writes any BOS itself; the tokenizer must not add a second one.
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def text_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            _check_utf8(prompt, "prompt")
             with self.tokenizer_lock:
                 return list(self.tokenizer(prompt)["input_ids"])
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
@@ -284,6 +282,15 @@ class Backend:
     def generate(self, seqs: list[Sequence]) -> None:
         """Generate every sequence to its end (or its cancellation). All share one adapter."""
         raise NotImplementedError
+
+
+def _check_utf8(text: str, param: str) -> None:
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode: a 400, not a 500."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{param} is not valid Unicode text: {exc.reason} at character {exc.start}",
+                       param=param) from None
 
 
 class TextStream:
@@ -376,7 +383,10 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, models: ModelSet, *, device: str | None = None, dtype: str = "auto"):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
+
+        from posttrain.config import ModelConfig
+        from posttrain.models.load import load_model
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if dtype == "auto":
@@ -386,17 +396,10 @@ class TransformersBackend(Backend):
             torch_dtype = _DTYPES[dtype]
         try:
             tokenizer = AutoTokenizer.from_pretrained(models.tokenizer_path)
-            if (Path(models.base_path) / "adapter_config.json").is_file():
-                # The base is itself an adapter stage (LoRA DPO on a LoRA SFT run): merged down to a full model.
-                from posttrain.config import ModelConfig
-                from posttrain.models.load import load_model
-
-                dtype_name = str(torch_dtype).replace("torch.", "")
-                model = load_model(ModelConfig(name_or_path=models.base_path, dtype=dtype_name))
-            else:
-                model = AutoModelForCausalLM.from_pretrained(models.base_path, dtype=torch_dtype)
         except (OSError, ValueError) as exc:
-            raise PosttrainError(f"cannot load the model {models.base_path}: {exc}") from None
+            raise PosttrainError(f"cannot load the tokenizer {models.tokenizer_path}: {exc}") from None
+        # posttrain's loader: a model folder or hub id, or an adapter stage's chain merged down to a full model.
+        model = load_model(ModelConfig(name_or_path=models.base_path, dtype=str(torch_dtype).replace("torch.", "")))
         model.to(device).eval()
         if models.adapters:
             from peft import PeftModel

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from posttrain.errors import MissingExtraError
+from posttrain.errors import MissingExtraError, PosttrainError
 from posttrain.serve.engine import Backend, ModelSet, Sequence, choice_seed
 
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
@@ -35,6 +35,14 @@ class VLLMBackend(Backend):
             raise MissingExtraError("vllm", "vllm", "posttrain serve --backend vllm") from exc
         from transformers import AutoConfig, AutoTokenizer
 
+        from posttrain.models.load import is_adapter_folder
+
+        if is_adapter_folder(models.base_path):
+            raise PosttrainError(
+                f"--backend vllm: the base {models.base_path} is itself an adapter (an adapter stage trained on an "
+                f"adapter stage); vLLM needs a full model. Export the chain (posttrain export) and serve that, or "
+                f"use --backend transformers"
+            )
         ranks = [_lora_rank(path) for path in models.adapters.values()]
         lora = {}
         if ranks:

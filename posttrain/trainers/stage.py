@@ -104,9 +104,9 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if cfg.method == "kto":
         check_feedback_balance(train_set)
     if cfg.method == "reward":
-        model = load_reward_model(cfg.model, cfg.tuning.mode, tokenizer.pad_token_id)
+        model = load_reward_model(_model_config(cfg), cfg.tuning.mode, tokenizer.pad_token_id)
     else:
-        model = load_model(cfg.model, cfg.tuning.mode, qlora=cfg.tuning.qlora)
+        model = load_model(_model_config(cfg), cfg.tuning.mode, qlora=cfg.tuning.qlora)
     eval_before = _evaluate_start(cfg, acc, model, tokenizer, out, resume, say)
     if cfg.method in ONLINE_METHODS:
         method = None
@@ -173,6 +173,17 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     return final
 
 
+def _model_config(cfg: RunConfig):
+    """``cfg.model``, in float32 when LoRA also trains full copies of the embeddings (``dtype: auto``).
+
+    A LoRA base may load in bf16 on GPU since only the fp32 adapters train; peft's ``modules_to_save`` copies
+    take the base's dtype, and full weights that the optimizer updates need fp32 master weights.
+    """
+    if cfg.tuning.mode == "lora" and cfg.tuning.lora.train_embeddings and cfg.model.dtype == "auto":
+        return cfg.model.model_copy(update={"dtype": "float32"})
+    return cfg.model
+
+
 def _evaluate_start(cfg: RunConfig, acc, model, tokenizer, out: Path, resume: bool, say) -> dict | None:
     """The eval suites on the starting model (kept in eval_before.json, so a resumed run does not redo them)."""
     if cfg.eval is None or not cfg.eval.before or not acc.is_main_process:
@@ -233,7 +244,7 @@ def _reference(cfg: RunConfig, acc):
     if mode == "live":
         from posttrain.models.load import load_model
 
-        ref = load_model(cfg.model, cfg.tuning.mode, qlora=cfg.tuning.qlora)
+        ref = load_model(_model_config(cfg), cfg.tuning.mode, qlora=cfg.tuning.qlora)
         if cfg.tuning.mode != "qlora":  # a quantised model is placed on its GPU when loaded
             ref = ref.to(acc.device)
         return Reference("live", ref.eval().requires_grad_(False))

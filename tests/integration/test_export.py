@@ -257,3 +257,19 @@ def test_an_adapter_trained_on_an_adapter_stage_exports_the_whole_chain(lora_run
     only_sft = _logits(load_model(ModelConfig(name_or_path=str(lora_run / "final"))), prompts)
     base = _logits(AutoModelForCausalLM.from_pretrained(tiny_model), prompts)
     assert (exported - only_sft).abs().max() > 1e-3 and (exported - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind, files", [
+    ("prompt", {"adapter_config.json": '{"peft_type": "PROMPT_TUNING", "base_model_name_or_path": "m"}'}),
+    ("prefix", {"adapter_config.json": '{"peft_type": "PREFIX_TUNING", "base_model_name_or_path": "m"}'}),
+    ("bottleneck", {"bottleneck_config.json": "{}"}),
+])
+def test_adapters_that_cannot_be_merged_are_refused_before_any_work(tmp_path, kind, files):
+    run_dir = tmp_path / "run"
+    (run_dir / "final").mkdir(parents=True)
+    (run_dir / "run.json").write_text('{"status": "completed"}')
+    for name, text in files.items():
+        (run_dir / "final" / name).write_text(text)
+    with pytest.raises(PosttrainError, match=f"holds a {kind} adapter, which cannot be merged"):
+        export_model(run_dir, tmp_path / "out", log=_quiet)
+    assert not (tmp_path / "out").exists()

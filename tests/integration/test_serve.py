@@ -223,6 +223,14 @@ def test_bad_completion_requests_are_400(server):
         assert answer.json()["error"]["param"] == param
 
 
+def test_text_that_is_not_unicode_is_400(server):
+    chat = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}'
+    for path, body in [("/chat/completions", chat), ("/completions", b'{"model": "tiny", "prompt": "\\ud800"}')]:
+        answer = _post(server, path, body)
+        assert answer.status_code == 400, answer.text
+        assert "not valid Unicode" in answer.json()["error"]["message"]
+
+
 def test_openai_client_errors(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4o", messages=HI, max_tokens=2)
@@ -282,9 +290,37 @@ def test_concurrent_requests_are_all_answered_and_batched_correctly(client, serv
     after = _stats(server)
     assert after["completed"] - before["completed"] == 20 and after["queued"] == 0
     assert after["batches"] - before["batches"] < 20  # some were batched
-    # Batched (left-padded, mixed lengths) greedy output equals each request alone.
+    # Batched answers equal the same requests alone (the padding itself is checked by the next test).
     for i in (0, 1, 4, 7):
         assert ask(i).choices[0].message.content == together[i].choices[0].message.content
+
+
+def test_left_padded_batch_scores_each_prompt_as_alone(tiny_model, lora_dir, monkeypatch):
+    """The first step's logits of a batch of prompts of different lengths equal each prompt's alone."""
+    from posttrain.serve.engine import Sampling, Sequence
+
+    backend = load_backend(str(tiny_model), {"a": str(lora_dir)}, device="cpu")  # not the live server's: no races
+    prompts = [backend.chat_prompt([{"role": "user", "content": "hi " * k}]) for k in (1, 4, 9)]
+    assert len({len(p) for p in prompts}) == 3
+    seen = []
+    real = backend._forward
+
+    def first_step(input_ids, attention_mask, position_ids, cache):
+        logits = real(input_ids, attention_mask, position_ids, cache)
+        if input_ids.shape[1] > 1:
+            seen.append(logits.clone())
+        return logits
+
+    monkeypatch.setattr(backend, "_forward", first_step)
+
+    def run(batch):
+        backend.generate([Sequence(p, Sampling(max_tokens=1, temperature=0), adapter="a") for p in batch])
+
+    run(prompts)
+    for p in prompts:
+        run([p])
+    together, alone = seen[0], torch.cat(seen[1:])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-4)
 
 
 def test_a_client_leaving_mid_stream_frees_the_worker(client, server):

@@ -207,7 +207,10 @@ def test_prompt_learning_and_bottleneck_models_sample_what_they_score(model, tok
         for p in tuned.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.5)
-    assert len({len(p) for p in prompts}) == len(prompts)  # one batch, three lengths: left padding in play
+    # Three lengths (left padding for bottleneck; one batch per length for virtual tokens), and two prompts of
+    # one length (batched together either way).
+    prompts = [*prompts, prompts[0][::-1]]
+    assert len({len(p) for p in prompts}) == len(prompts) - 1
     out = TransformersEngine(tuned, tokenizer, stop_token_ids=[end_of_turn]).generate(
         prompts, SamplingParams(max_new_tokens=6, temperature=0.8, seed=0))
     for prompt, [g] in zip(prompts, out):

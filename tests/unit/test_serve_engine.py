@@ -145,6 +145,18 @@ def test_bad_model_sets_are_refused_with_a_reason(tmp_path, tiny_model):
     _fake_adapter(tmp_path / "a", tiny_model)
     with pytest.raises(PosttrainError, match="already served"):
         resolve_models(str(tiny_model), {"tiny": str(tmp_path / "a")})
+    # Adapters that add virtual tokens or layers of their own: the streaming decoder cannot serve them.
+    prompt = _fake_adapter(tmp_path / "prompt" / "final", tiny_model)
+    (prompt / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model),
+                                                            "peft_type": "PROMPT_TUNING"}))
+    with pytest.raises(PosttrainError, match="holds a prompt adapter"):
+        resolve_models(str(tmp_path / "prompt"))
+    with pytest.raises(PosttrainError, match="holds a prompt adapter"):
+        resolve_models(str(tiny_model), {"p": str(prompt)})
+    (tmp_path / "bottleneck").mkdir()
+    (tmp_path / "bottleneck" / "bottleneck_config.json").write_text("{}")
+    with pytest.raises(PosttrainError, match="holds a bottleneck adapter"):
+        resolve_models(str(tmp_path / "bottleneck"))
 
 
 def test_backend_limits_and_model_names(tiny_model):

@@ -70,7 +70,19 @@ def test_vllm_is_refused_for_modes_it_cannot_sample_from():
 @pytest.mark.parametrize("mode", ADAPTER_MODES)
 def test_every_adapter_mode_takes_the_adapters_off_reference(mode):
     assert cfg(method="dpo", tuning={"mode": mode}).reference_mode() == "adapters_off"
-    assert cfg(method="dpo", tuning={"mode": mode}, preference={"reference": "adapters_off"})
+    assert cfg(method="dpo", tuning={"mode": mode}, preference={"reference": "adapters_off"}).reference_mode() == \
+        "adapters_off"
+
+
+def test_lora_training_embeddings_loads_the_base_in_float32():
+    """peft's full copies of the embeddings take the base's dtype: a bf16 base would train them without fp32 masters."""
+    from posttrain.trainers.stage import _model_config
+
+    assert _model_config(cfg(tuning={"mode": "lora", "lora": {"train_embeddings": True}})).dtype == "float32"
+    assert _model_config(cfg(tuning={"mode": "lora"})).dtype == "auto"
+    kept = cfg(tuning={"mode": "lora", "lora": {"train_embeddings": True}}, model={"name_or_path": "m",
+                                                                                  "dtype": "bfloat16"})
+    assert _model_config(kept).dtype == "bfloat16"  # a dtype the user chose is kept
 
 
 def test_adapters_off_is_refused_without_adapters():
