@@ -28,6 +28,7 @@ from posttrain.data.collate import epoch_plan, split_global_batch
 from posttrain.errors import MissingExtraError, PosttrainError
 from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models.checkpoint import load_weights, save_model
+from posttrain.trainers.flops import FlopCounter, peak_bf16_flops
 
 
 class Method(Protocol):
@@ -200,6 +201,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_lambda(self.tcfg.lr_scheduler, warmup, self.total_steps * updates)
         )
+        # Model FLOPs utilisation is logged where the device's peak is known (GPUs; see trainers/flops.py).
+        self.peak_flops = peak_bf16_flops(accelerator.device)
+        self.flops = FlopCounter(model) if self.peak_flops else None
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.writers = _Writers(self.out, self.tcfg.report_to, accelerator.is_main_process, cfg)
@@ -282,6 +286,10 @@ class Trainer:
                 prepare(self.model, micro, self._global_sum)
         loss_sum = 0.0
         tokens = sum(self._tokens(b) for b in micro)
+        if self.flops is not None:
+            pad = self.tokenizer.pad_token_id
+            self.state.window["flops"] = self.state.window.get("flops", 0.0) + sum(
+                self.flops.batch_flops(b, pad) for b in micro)
         metric_sums = _MetricSums()
         for j, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
@@ -342,8 +350,10 @@ class Trainer:
         if not w.get("n"):
             return {}
         w.pop("n")
-        tokens, elapsed = w.pop("tokens"), w.pop("time")
+        tokens, elapsed, flops = w.pop("tokens"), w.pop("time"), w.pop("flops", None)
         rec = self._finalize({k: total / n for k, (total, n) in w.items()})
+        if flops is not None and elapsed > 0:
+            rec["mfu"] = flops / elapsed / self.peak_flops
         rec["lr"] = self.scheduler.get_last_lr()[0]
         rec["tokens"] = self.state.tokens
         rec["tokens_per_sec"] = tokens / elapsed if elapsed > 0 else None
