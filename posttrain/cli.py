@@ -12,13 +12,18 @@ from posttrain.errors import PosttrainError
 
 
 def _tiny_model(args) -> None:
-    from posttrain.models.tiny import build_tiny_model
+    from posttrain.models.tiny import build_tiny_model, build_tiny_moe
 
-    path = build_tiny_model(
-        args.out_dir, layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
-        intermediate=args.intermediate, vocab_size=args.vocab_size, max_position=args.max_position,
-        seed=args.seed, overwrite=args.overwrite, split_digits=args.split_digits,
-    )
+    if args.top_k is not None and args.moe is None:
+        raise PosttrainError("tiny-model: --top-k is the routing of an MoE model; add --moe N (N experts)")
+    common = dict(layers=args.layers, hidden=args.hidden, heads=args.heads, kv_heads=args.kv_heads,
+                  vocab_size=args.vocab_size, max_position=args.max_position, seed=args.seed,
+                  overwrite=args.overwrite, split_digits=args.split_digits)
+    if args.moe is not None:
+        path = build_tiny_moe(args.out_dir, experts=args.moe, top_k=args.top_k or 2,
+                              expert_intermediate=args.intermediate, **common)
+    else:
+        path = build_tiny_model(args.out_dir, intermediate=args.intermediate, **common)
     print(f"tiny model written to {path}")
 
 
@@ -108,6 +113,27 @@ def _synth_corpus(args) -> None:
         print(f"{n} documents -> {path}")
 
 
+def _synth_self_instruct(args) -> None:
+    from posttrain.data.synthetic.self_instruct import run_self_instruct
+    from posttrain.data.synthetic.settings import SelfInstructSettings, from_args
+
+    print(run_self_instruct(args.model, args.seeds, args.out, from_args(SelfInstructSettings, args)).format())
+
+
+def _synth_answers(args) -> None:
+    from posttrain.data.synthetic.model_based import run_answers
+    from posttrain.data.synthetic.settings import AnswerSettings, from_args
+
+    print(run_answers(args.model, args.prompts, args.out, from_args(AnswerSettings, args)).format())
+
+
+def _synth_pairs(args) -> None:
+    from posttrain.data.synthetic.model_based import run_pairs
+    from posttrain.data.synthetic.settings import PairSettings, from_args
+
+    print(run_pairs(args.model, args.prompts, args.out, args.reward, from_args(PairSettings, args)).format())
+
+
 def _data_dedup(args) -> None:
     from posttrain.data.overlap import deduplicate, read_rows
     from posttrain.data.synthetic import write_jsonl
@@ -180,23 +206,74 @@ def _export(args) -> None:
     print(result.summary())
 
 
+def _federated(args) -> None:
+    from posttrain.federated import load_federated_config, run_federated
+
+    cfg = load_federated_config(args.config, args.overrides)
+    final = run_federated(cfg, overwrite=args.overwrite)
+    print(f"done: global adapter in {final}; metrics in {cfg.output_dir}/metrics.jsonl")
+
+
+def _device_train(args) -> None:
+    from posttrain.config import load_config
+    from posttrain.ondevice.versions import train_version
+
+    # The device folder names the run's output_dir; the config needs one to validate.
+    cfg = load_config(args.config, ["output_dir=" + str(args.dir), *args.overrides])
+    version = train_version(cfg, args.dir)
+    print(f"done: {version.name} is the current version of {args.dir} ({version.path})")
+
+
+def _device_status(args) -> None:
+    from posttrain.ondevice.versions import current_version, versions
+
+    current = current_version(args.dir)
+    for v in versions(args.dir):
+        mark = "*" if current is not None and v.name == current.name else " "
+        info = v.info
+        print(f"{mark} {v.name}  parent {info.get('parent') or '-'}  adapter {info.get('adapter_bytes', 0):,} bytes  "
+              f"peak RSS {info.get('peak_rss_mb')} MiB  eval loss {info.get('eval_loss')}  {info.get('created')}")
+    if current is None:
+        print(f"{args.dir}: no versions yet")
+
+
+def _device_rollback(args) -> None:
+    from posttrain.ondevice.versions import rollback
+
+    old, new = rollback(args.dir, args.to)
+    print(f"{args.dir}: current version {old} -> {new}")
+
+
+def _plan(args) -> None:
+    import json
+
+    from posttrain.plan.planner import format_plan, make_plan, plan_request
+
+    plan = make_plan(plan_request({k: v for k, v in vars(args).items() if k not in ("func", "command", "json")}))
+    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training for language models.")
     p.add_argument("--version", action="version", version=f"posttrain {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("tiny-model", help="build a small Llama-architecture model and tokenizer locally")
+    t = sub.add_parser("tiny-model", help="build a small Llama-architecture (or, with --moe, Qwen3-MoE) model and "
+                       "tokenizer locally")
     t.add_argument("out_dir")
     t.add_argument("--layers", type=int, default=2)
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--heads", type=int, default=4)
     t.add_argument("--kv-heads", type=int, default=2)
-    t.add_argument("--intermediate", type=int, default=None, help="MLP width (default: chosen from --hidden)")
+    t.add_argument("--intermediate", type=int, default=None,
+                   help="MLP width, with --moe each expert's (default: chosen from --hidden)")
     t.add_argument("--vocab-size", type=int, default=1024)
     t.add_argument("--max-position", type=int, default=1024)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
     t.add_argument("--split-digits", action="store_true", help="one token per digit (arithmetic tasks)")
+    t.add_argument("--moe", type=int, default=None, metavar="N", help="a mixture-of-experts model with N experts")
+    t.add_argument("--top-k", type=int, default=None, help="with --moe: experts per token (default 2)")
     t.set_defaults(func=_tiny_model)
 
     tr = sub.add_parser(
@@ -291,7 +368,52 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     ex.set_defaults(func=_export)
 
-    sy = sub.add_parser("synth", help="generate data: rule-based verifiable tasks and text corpora")
+    fd = sub.add_parser("federated", help="federated LoRA training on Flower (FedAvg / FedProx): clients train on "
+                                          "their own data, only adapter weights travel")
+    fd.add_argument("config", help="federated YAML config: the recipe, clients, federated and eval (docs/federated.md)")
+    fd.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. federated.rounds=5")
+    fd.add_argument("--overwrite", action="store_true", help="replace an existing run in output_dir")
+    fd.set_defaults(func=_federated)
+
+    dv = sub.add_parser("device", help="on-device adaptation: LoRA versions over a quantized base, within a memory "
+                                       "budget, with rollback (docs/on-device.md)")
+    dvsub = dv.add_subparsers(dest="device_command", required=True)
+    dvt = dvsub.add_parser("train", help="train the next adapter version on top of the current one and make it current")
+    dvt.add_argument("config", help="stage YAML config (tuning.mode lora; e.g. recipes/tiny-device-lora.yaml)")
+    dvt.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. data.train=today.jsonl")
+    dvt.add_argument("--dir", required=True, help="the device folder (versions/, current.json, runs/)")
+    dvt.set_defaults(func=_device_train)
+    dvs = dvsub.add_parser("status", help="list the versions; * marks the current one")
+    dvs.add_argument("dir", help="the device folder")
+    dvs.set_defaults(func=_device_status)
+    dvr = dvsub.add_parser("rollback", help="make the previous version (or --to VERSION) current again")
+    dvr.add_argument("dir", help="the device folder")
+    dvr.add_argument("--to", help="the version to make current (default: the current version's parent)")
+    dvr.set_defaults(func=_device_rollback)
+
+    pl = sub.add_parser("plan", help="which tuning path fits a GPU (full, LoRA, QLoRA -> SFT, DPO, ...), and every "
+                                     "tuning mode's predicted peak memory; reads only the model's config")
+    pl.add_argument("--model", required=True, metavar="NAME_OR_DIR", help="a model folder or hub id (config only)")
+    pl.add_argument("--gpu-memory", required=True, help="memory of one GPU: 24GiB, 80GB, 40G (G = GiB), 16384MiB")
+    pl.add_argument("--gpus", type=int, default=1, help="GPUs of that size (default 1; posttrain runs them as DDP)")
+    pl.add_argument("--data", metavar="FILE", help="a data file: its token lengths choose --seq-len and are reported")
+    pl.add_argument("--data-format", choices=FORMATS, help="the data file's format (default: from its keys)")
+    pl.add_argument("--goal", choices=("instruction", "preference", "reasoning", "domain"), default="instruction",
+                    help="what the training is for; decides the stages (default: instruction)")
+    pl.add_argument("--seq-len", type=int, help="tokens per sequence (default: p99 of --data, else 2048)")
+    pl.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch on each GPU (default 1)")
+    pl.add_argument("--private-data", action="store_true", help="the data may not leave its owner's machines")
+    pl.add_argument("--mixed-precision", choices=("bf16", "fp16", "no"), default="bf16",
+                    help="training.mixed_precision of the planned run (default bf16)")
+    pl.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="predict for a GPU or for CPU")
+    pl.add_argument("--full-logits", dest="chunked_head", action="store_false",
+                    help="plan for training.chunked_head: false (the loss builds the logits of every position)")
+    pl.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (custom models)")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.set_defaults(func=_plan)
+
+    sy = sub.add_parser("synth", help="generate data: rule-based verifiable tasks and text corpora; tasks, "
+                                      "answers and preference pairs written by a model")
     sysub = sy.add_subparsers(dest="synth_command", required=True)
     st = sysub.add_parser("tasks", help="verifiable task rows (add, reverse, upper, count, larger, largest)")
     st.add_argument("--out", required=True, help="JSONL file to write")
@@ -309,6 +431,34 @@ def build_parser() -> argparse.ArgumentParser:
     sco.add_argument("--seed", type=int, default=0)
     sco.add_argument("--kind", default="domain", choices=("domain", "general"))
     sco.set_defaults(func=_synth_corpus)
+    from posttrain.data.synthetic import settings as synth  # the model-based generators' options are its fields
+
+    model_help = "the generating model: a folder, a hub id or a training run's output dir (its final/)"
+    ssi = sysub.add_parser("self-instruct", help="new tasks written by a model from seed tasks (Self-Instruct), "
+                                                 "filtered for repeats and similarity (docs/synth.md)")
+    ssi.add_argument("--model", required=True, help=model_help)
+    ssi.add_argument("--seeds", required=True, help="seed tasks: rows of format alpaca, multitask, messages or prompt")
+    ssi.add_argument("--out", required=True, help="JSONL file to write")
+    synth.add_arguments(ssi, synth.SelfInstructSettings)
+    ssi.set_defaults(func=_synth_self_instruct)
+    san = sysub.add_parser("answers", help="a model's answers to prompts, as messages or alpaca rows")
+    san.add_argument("--model", required=True, help=model_help)
+    san.add_argument("--prompts", required=True, help="rows of format prompt, messages, alpaca or multitask")
+    san.add_argument("--out", required=True, help="JSONL file to write")
+    synth.add_arguments(san, synth.AnswerSettings)
+    san.set_defaults(func=_synth_answers)
+    spa = sysub.add_parser("pairs", help="preference pairs: the best and worst of several sampled responses, "
+                                         "ranked by a reward, a reward model or an LLM judge")
+    spa.add_argument("--model", required=True, help=model_help)
+    spa.add_argument("--prompts", required=True, help="rows of format prompt, messages, alpaca or multitask (a "
+                                                      "conversation's last answer is the reference)")
+    spa.add_argument("--out", required=True, help="JSONL file to write")
+    spa.add_argument("--reward", action="append", required=True, metavar="SPEC",
+                     help="a reward type (exact_match, numeric_match, ...), a reward model folder, a YAML/JSON spec "
+                          "such as '{type: judge, base_url: ..., model: ..., rubric: ...}' or "
+                          "'{type: pairwise_judge, ...}', or a .yaml file of specs; repeatable (weighted sum)")
+    synth.add_arguments(spa, synth.PairSettings)
+    spa.set_defaults(func=_synth_pairs)
 
     d = sub.add_parser("data", help="inspect training data")
     dsub = d.add_subparsers(dest="data_command", required=True)

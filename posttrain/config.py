@@ -34,6 +34,11 @@ class ModelConfig(_Section):
     chat_template: str | None = Field(
         None, description="a Jinja chat template, or a path to a file holding one; overrides the tokenizer's"
     )
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none", description="weight-only quantization (torchao) of the base's linear layers when loaded, for a frozen "
+        "base under LoRA on a small device: int8 (CPU or GPU) for training; int4 (CUDA only) cannot train, for "
+        "inference only (docs/on-device.md)"
+    )
 
 
 class FreezeConfig(_Section):
@@ -55,6 +60,10 @@ class LoraConfig(_Section):
     train_embeddings: bool = Field(
         False, description="also train the input embedding and the output head in full (peft modules_to_save; "
         "tied embeddings stay tied); saved with the adapter and merged with it"
+    )
+    init_from: Name | None = Field(
+        None, description="a LoRA adapter folder (same r, alpha and targets) whose weights the adapter starts from, "
+        "to keep training it instead of a fresh one (posttrain device train uses it for each new version)"
     )
 
 
@@ -189,11 +198,80 @@ class TuningConfig(_Section):
         return self.mode == "prefix"
 
 
+# A task name becomes part of metric names (loss/<task>) and report labels: short, one line, no '/'.
+TASK_NAME = re.compile(r"\w[\w .:+-]{0,63}")
+TASK_NAME_RULE = "1-64 letters, digits, spaces or '_.:+-', starting with a letter, digit or '_'"
+# The methods whose tokenized rows carry a task: per-task metrics, data.mixing and data.replay work for these.
+TASK_METHODS = ("pretrain", "sft")
+
+
+def _check_task_name(name: str | None) -> str | None:
+    if name is not None and not TASK_NAME.fullmatch(name):
+        raise ValueError(f"task name {name!r} must be {TASK_NAME_RULE}")
+    return name
+
+
+def _as_sources(v: Any) -> Any:
+    """A file, a source mapping, or a list of either: the forms a list of data sources may be written in."""
+    if isinstance(v, (str, dict)):
+        v = [v]
+    if isinstance(v, list):
+        return [{"path": s} if isinstance(s, str) else s for s in v]
+    return v
+
+
 class DataSource(_Section):
     path: Name
-    format: Literal["text", "alpaca", "messages", "preference", "feedback", "prompt"] = "messages"
+    format: Literal["text", "alpaca", "messages", "preference", "feedback", "prompt", "multitask"] = "messages"
     weight: float = Field(1.0, gt=0, description="sampling weight: 2.0 repeats the file twice, 0.5 takes half")
     role_map: dict[str, str] | None = Field(None, description="ShareGPT 'from' value -> role")
+    task: Name | None = Field(
+        None, description="the task of every row of this file (a row's own 'task' field is then ignored); "
+        "per-task metrics and data.mixing group rows by task (methods pretrain and sft)"
+    )
+
+    _task_name = field_validator("task")(_check_task_name)
+
+
+class MixingConfig(_Section):
+    """How each epoch's rows are shared among the tasks (docs/multitask.md)."""
+
+    strategy: Literal["size", "equal", "temperature"] = Field(
+        description="size: p_i = n_i / sum n (natural proportions); equal: p_i = 1 / tasks; "
+        "temperature: p_i proportional to n_i^(1/T)"
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="T of strategy temperature: 1 is size, larger flattens toward equal (.inf is equal)"
+    )
+
+    @model_validator(mode="after")
+    def _temperature_fits(self) -> "MixingConfig":
+        if self.strategy == "temperature" and self.temperature is None:
+            raise ValueError("data.mixing.strategy=temperature needs data.mixing.temperature (e.g. 2.0)")
+        if self.strategy != "temperature" and self.temperature is not None:
+            raise ValueError(f"data.mixing.temperature is used only with strategy=temperature "
+                             f"(given strategy={self.strategy}); remove it or set strategy: temperature")
+        return self
+
+
+class ReplayConfig(_Section):
+    """Earlier data mixed into a stage, a fixed share of every epoch (continual learning)."""
+
+    sources: list[DataSource] = Field(
+        min_length=1, description="earlier data: files, or an earlier run's folder (the run or its final/; in a "
+        "pipeline ${STAGE}) whose data.train is replayed with that run's formats"
+    )
+    fraction: float = Field(gt=0.0, lt=1.0, description="the share of each epoch's rows drawn from the replay data")
+
+    _sources = field_validator("sources", mode="before")(_as_sources)
+
+    @model_validator(mode="after")
+    def _one_task(self) -> "ReplayConfig":
+        named = [f"data.replay.sources[{i}]" for i, s in enumerate(self.sources) if s.task is not None]
+        if named:
+            raise ValueError(f"{', '.join(named)}: task is not used in replay data; every replayed row belongs to "
+                             f"the task 'replay' (remove task)")
+        return self
 
 
 class DataConfig(_Section):
@@ -206,15 +284,24 @@ class DataConfig(_Section):
     overlong: Literal["truncate", "drop"] = "truncate"
     max_drop_fraction: float = Field(0.25, ge=0.0, le=1.0)
     cache_dir: str | None = Field(None, description="tokenized-data cache; default: ~/.cache/posttrain/data")
+    mixing: MixingConfig | None = Field(
+        None, description="sample each epoch's rows across tasks by size, equally or by temperature; "
+        "default: every training row once per epoch"
+    )
+    replay: ReplayConfig | None = Field(None, description="mix a fraction of earlier data into every epoch")
 
-    @field_validator("train", "eval", mode="before")
-    @classmethod
-    def _accept_single_source(cls, v: Any) -> Any:
-        if isinstance(v, (str, dict)):
-            v = [v]
-        if isinstance(v, list):
-            return [{"path": s} if isinstance(s, str) else s for s in v]
-        return v
+    _accept_single_source = field_validator("train", "eval", mode="before")(_as_sources)
+
+    @model_validator(mode="after")
+    def _weights_or_mixing(self) -> "DataConfig":
+        weighted = [f"data.train[{i}].weight={s.weight:g}" for i, s in enumerate(self.train) if s.weight != 1.0]
+        if self.mixing is not None and weighted:
+            raise ValueError(
+                f"{', '.join(weighted)} with data.mixing: a weight repeats a file's rows, and mixing decides each "
+                f"task's share itself; give the file its own task (data.train[i].task) and let data.mixing set the "
+                f"shares, or drop data.mixing to keep the weights"
+            )
+        return self
 
 
 class TrainingConfig(_Section):
@@ -225,6 +312,10 @@ class TrainingConfig(_Section):
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(2e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    l2_to_start: float = Field(
+        0.0, ge=0, description="coef of (coef/2) * ||theta - theta_start||^2 over the trainable parameters, pulling "
+        "them toward their values at the start of the stage (L2-SP; EWC without Fisher); 0: off"
+    )
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
@@ -243,6 +334,12 @@ class TrainingConfig(_Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     progress_bar: bool = True
+    chunked_head: bool = Field(
+        True, description="run the LM head on the trained positions only, in checkpointed chunks, so full logits "
+        "are never built (SFT, pretraining, DPO/KTO/SimPO/ORPO and their references; distillation's student and "
+        "teacher, unchunked; Llama, Qwen, Mistral and similar plain-head architectures); false: one full-logits "
+        "forward"
+    )
 
     @model_validator(mode="after")
     def _early_stopping_needs_eval(self) -> "TrainingConfig":
@@ -378,6 +475,99 @@ class OnlineConfig(_Section):
     ppo: PpoConfig = Field(default_factory=PpoConfig)
 
 
+DISTILL_MODES = ("logit", "sequence", "on_policy")
+
+
+class DistillConfig(_Section):
+    """Knowledge distillation from a teacher model (docs/distill.md)."""
+
+    teacher: Name | None = Field(
+        None, description="the teacher: a model folder (e.g. a run's final/), an adapter folder or a hub id; it "
+        "must share the student's tokenizer"
+    )
+    mode: Literal[DISTILL_MODES] = Field(
+        "logit", description="logit: match the teacher's next-token distributions on the data's responses "
+        "(Hinton et al. 2015); sequence: SFT on the teacher's own responses to the data's prompts (Kim & Rush "
+        "2016); on_policy: match them on the student's own samples (GKD, Agarwal et al. 2024)"
+    )
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = Field(
+        "forward_kl", description="forward_kl: KL(teacher || student); reverse_kl: KL(student || teacher); "
+        "jsd: the generalised Jensen-Shannon divergence with jsd_beta"
+    )
+    jsd_beta: float = Field(0.5, gt=0, lt=1, description="loss=jsd: the weight beta of the teacher in the mixture")
+    temperature: float = Field(
+        1.0, gt=0, description="both distributions are softmax(logits / T); the divergence is multiplied by T^2"
+    )
+    hard_weight: float = Field(
+        0.0, ge=0, le=1, description="logit mode: the weight of the NLL of the data's own tokens (at T = 1); "
+        "the divergence gets 1 - hard_weight"
+    )
+    teacher_cache: Literal["live", "topk"] = Field(
+        "live", description="live: the teacher scores every batch; topk (logit mode): its top-k log-probs are "
+        "computed once and cached beside the tokenized data, keyed by a hash of its weights"
+    )
+    topk: int | None = Field(
+        None, ge=1, description="compare on the teacher's k most likely tokens at each position plus one 'every "
+        "other token' category (a lower bound of the full divergence; docs/distill.md); needed by teacher_cache=topk"
+    )
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="the frozen teacher's weights; auto: bfloat16 on a GPU that supports it, else float32"
+    )
+    teacher_batch_size: int | None = Field(
+        None, ge=1, description="teacher_cache=topk: rows per teacher pass when caching; default 2x "
+        "training.batch_size"
+    )
+    disable_dropout: bool = Field(
+        True, description="logit and on_policy: turn dropout off in the student, as the teacher scores without it "
+        "(sequence mode trains exactly as method sft, with the model's own dropout)"
+    )
+    student_fraction: float = Field(
+        1.0, ge=0, le=1, description="on_policy: the fraction of steps (lambda in GKD) trained on the student's own "
+        "samples; the others use the data's responses"
+    )
+    teacher_decoding: Literal["greedy", "sample"] = Field(
+        "greedy", description="sequence: how the teacher answers; sample uses generation.temperature and top_p"
+    )
+    generation: GenerationConfig = Field(
+        default_factory=GenerationConfig,
+        description="sequence: the teacher's responses; on_policy: the student's samples",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_mode(self) -> "DistillConfig":
+        mode = self.mode
+        unused = {
+            "logit": {"student_fraction": self.student_fraction != 1.0, "teacher_decoding": self.teacher_decoding
+                      != "greedy", "generation": self.generation != GenerationConfig()},
+            "sequence": {"loss": self.loss != "forward_kl", "temperature": self.temperature != 1.0,
+                         "hard_weight": self.hard_weight != 0.0, "teacher_cache": self.teacher_cache != "live",
+                         "topk": self.topk is not None, "student_fraction": self.student_fraction != 1.0,
+                         "disable_dropout": not self.disable_dropout},
+            "on_policy": {"hard_weight": self.hard_weight != 0.0, "teacher_cache": self.teacher_cache != "live",
+                          "teacher_decoding": self.teacher_decoding != "greedy"},
+        }[mode]
+        given = [f"distill.{name}" for name, set_ in unused.items() if set_]
+        if given:
+            why = {"logit": "it scores the data's responses and generates nothing",
+                   "sequence": "the student is SFT-trained on the teacher's responses, with no divergence and no "
+                               "other labels",
+                   "on_policy": "the student's samples have no labels and are new every step, so nothing can be "
+                                "cached; the teacher is only scored"}[mode]
+            raise ValueError(f"{', '.join(given)}: not used by distill.mode={mode} ({why}); remove it")
+        if self.jsd_beta != 0.5 and self.loss != "jsd":
+            raise ValueError(f"distill.jsd_beta is used only with distill.loss=jsd (given loss={self.loss})")
+        if self.teacher_cache == "topk" and self.topk is None:
+            raise ValueError("distill.teacher_cache=topk needs distill.topk (e.g. 50): how many of the teacher's "
+                             "log-probs to keep per position")
+        if self.teacher_batch_size is not None and self.teacher_cache != "topk":
+            raise ValueError("distill.teacher_batch_size is used only with distill.teacher_cache=topk (the teacher "
+                             "scores the data once, in batches of that size); remove it")
+        if self.hard_weight == 1.0:
+            raise ValueError("distill.hard_weight=1 trains on the data's own tokens alone and never uses the "
+                             "teacher; use method sft, or a hard_weight below 1")
+        return self
+
+
 SUITE_TYPES = ("perplexity", "generation", "multiple_choice", "reward_model", "win_rate", "lm_eval")
 
 
@@ -442,7 +632,50 @@ class EvalConfig(_Section):
         return self
 
 
-METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo", "ppo")
+class MoeConfig(_Section):
+    """Mixture-of-experts training (docs/moe.md); refused on a dense model unless left at the defaults."""
+
+    aux_loss_coef: float | None = Field(
+        None, ge=0, description="weight of the router load-balancing loss (Switch Transformer); default: the "
+        "model config's router_aux_loss_coef; 0: off"
+    )
+    z_loss_coef: float = Field(0.0, ge=0, description="weight of the router z-loss (ST-MoE; 1e-3 in the paper); 0: off")
+    aux_loss_scope: Literal["micro_batch", "global_batch"] = Field(
+        "micro_batch", description="micro_batch: each micro-batch balances its own tokens; global_batch: expert "
+        "loads over the whole global batch (exact under accumulation and DDP; one extra forward pass per step)"
+    )
+    freeze_router: bool = Field(False, description="the routers' weights (and Qwen2-MoE's shared-expert gates) "
+                                "get no gradient and stay bit-identical")
+    train_experts: list[int] | None = Field(
+        None, min_length=1, description="train only these experts (indices) of every MoE layer; the other "
+        "experts' weights stay bit-identical (tuning.mode full or freeze)"
+    )
+    log_layer_loads: bool = Field(False, description="log each layer's expert loads, not only the summary")
+
+    @field_validator("train_experts")
+    @classmethod
+    def _expert_indices(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError(f"expert indices must be distinct and >= 0; given {v}")
+        return v
+
+    def is_default(self) -> bool:
+        return self == MoeConfig()
+
+
+class MemoryConfig(_Section):
+    """A resident-memory budget for the training process, e.g. a small device's (docs/on-device.md)."""
+
+    budget_mb: float | None = Field(
+        None, gt=0, description="peak resident memory (RSS, MiB) the training process may reach; checked after every "
+        "step and at the end (run.json always reports peak_rss_mb)"
+    )
+    over_budget: Literal["fail", "warn"] = Field(
+        "fail", description="fail: stop the run with an error (no final model); warn: log it once and go on"
+    )
+
+
+METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo", "ppo", "distill")
 ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
 REFERENCE_METHODS = ("dpo", "kto", "online_dpo", "grpo", "ppo")
 
@@ -455,8 +688,61 @@ class RunConfig(_Section):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     online: OnlineConfig = Field(default_factory=OnlineConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    moe: MoeConfig = Field(default_factory=MoeConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     eval: EvalConfig | None = None
     output_dir: Name
+
+    @model_validator(mode="after")
+    def _quantized_base_fits(self) -> "RunConfig":
+        if self.tuning.lora.init_from and self.tuning.mode not in LORA_MODES:
+            raise ValueError(f"tuning.lora.init_from starts a LoRA adapter from saved weights; tuning.mode is "
+                             f"{self.tuning.mode}: set tuning.mode=lora or remove it")
+        q = self.model.quantize
+        if q == "none":
+            return self
+        if q == "int4":
+            raise ValueError("model.quantize=int4 cannot train: torchao's int4 (tile-packed) linear layer has no "
+                             "backward, so no gradient reaches the LoRA adapters. Use model.quantize=int8, or "
+                             "tuning.mode=qlora with model.quantize=none on a GPU")
+        if self.tuning.mode != "lora":
+            raise ValueError(f"model.quantize={q} quantizes a frozen base under LoRA; tuning.mode={self.tuning.mode} "
+                             f"would train or adapt the quantized weights. Set tuning.mode=lora (or, for a 4-bit "
+                             f"bitsandbytes base on a GPU, tuning.mode=qlora with model.quantize=none)")
+        if self.method == "reward":
+            raise ValueError(f"model.quantize={q} cannot be used with method reward: a reward model is saved with its "
+                             f"adapter merged into the weights, and merging into quantized weights rounds it")
+        engines = [self.online.generation.engine] if self.method in ONLINE_METHODS else []
+        if "vllm" in engines:
+            raise ValueError(f"model.quantize={q}: online.generation.engine=vllm loads the base's own weights; use "
+                             f"engine transformers")
+        return self
+
+    @model_validator(mode="after")
+    def _moe_fits(self) -> "RunConfig":
+        moe = self.moe
+        if moe.train_experts is not None:
+            if self.tuning.mode not in ("full", "freeze"):
+                raise ValueError(
+                    f"moe.train_experts needs tuning.mode full or freeze (given {self.tuning.mode}): it holds "
+                    f"the other experts' slices of the fused expert weights at zero gradient; with LoRA on the "
+                    f"experts every expert gets its low-rank update (see docs/moe.md)"
+                )
+            if self.training.weight_decay > 0:
+                raise ValueError(
+                    f"moe.train_experts with training.weight_decay={self.training.weight_decay:g}: every expert "
+                    f"of a layer lives in one fused tensor, and AdamW's decay would shrink the frozen experts' "
+                    f"slices too; set training.weight_decay=0"
+                )
+        if self.method in ONLINE_METHODS and (moe.aux_loss_coef or moe.z_loss_coef
+                                              or moe.aux_loss_scope != "micro_batch"):
+            raise ValueError(
+                f"moe.aux_loss_coef / z_loss_coef / aux_loss_scope: the router losses are added by the training "
+                f"loop's methods, not yet by the online trainer of method {self.method}; leave them unset "
+                f"(freeze_router and train_experts work)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _reference_fits(self) -> "RunConfig":
@@ -495,7 +781,7 @@ class RunConfig(_Section):
     def _tuning_fits(self) -> "RunConfig":
         """Combinations of tuning mode and method that cannot work, refused with the reason."""
         mode, method = self.tuning.mode, self.method
-        if mode in PROMPT_MODES and self.data.packing and method in ("pretrain", "sft"):
+        if mode in PROMPT_MODES and self.data.packing and method in ("pretrain", "sft", "distill"):
             how = ("adds its virtual tokens once per row, before the first sample only, and positions and attention "
                    "run on across the samples" if mode in VIRTUAL_TOKEN_MODES else
                    "puts its prefix in the key/value cache, and with a cache transformers does not build the mask "
@@ -520,6 +806,53 @@ class RunConfig(_Section):
                 f"online.generation.engine=vllm cannot sample from tuning.mode={mode} (method {method}): the engine "
                 f"loads merged weights under the base model's names ({', '.join(VLLM_MODES)}); "
                 f"use engine transformers or auto"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tasks_fit(self) -> "RunConfig":
+        if self.method in TASK_METHODS:
+            return self
+        data = self.data
+        used = [name for name, on in (("data.mixing", data.mixing is not None), ("data.replay", data.replay is not None))
+                if on]
+        used += [f"data.{part}[{i}].task" for part in ("train", "eval")
+                 for i, s in enumerate(getattr(data, part)) if s.task is not None]
+        if used:
+            raise ValueError(f"{', '.join(used)}: tasks, mixing and replay work on the token rows of methods "
+                             f"{' and '.join(TASK_METHODS)}, not method {self.method}; remove them")
+        return self
+
+    @model_validator(mode="after")
+    def _distill_fits(self) -> "RunConfig":
+        d = self.distill
+        if self.method != "distill":
+            return self
+        if not d.teacher:
+            raise ValueError("method distill needs distill.teacher: the teacher model's folder, adapter or hub id")
+        prompts = [s.format == "prompt" for s in [*self.data.train, *self.data.eval]]
+        if d.mode == "logit" and any(prompts):
+            raise ValueError("distill.mode=logit scores the data's responses: data files must be messages or alpaca "
+                             "rows, not format prompt (for prompts alone use distill.mode=sequence or on_policy)")
+        if d.mode == "sequence" and not all(prompts):
+            raise ValueError("distill.mode=sequence reads prompts and the teacher writes the responses: every data "
+                             "file (train and eval) must have format prompt")
+        if d.mode != "on_policy":
+            return self
+        if any(prompts) and not all(prompts):
+            raise ValueError("distill.mode=on_policy: data files must be all format prompt, or all messages/alpaca "
+                             "rows (whose prompts are everything before the first trained token)")
+        if all(prompts) and d.student_fraction < 1:
+            raise ValueError(f"distill.student_fraction={d.student_fraction:g}: the other steps train on the data's "
+                             f"responses, and prompt rows have none; use messages or alpaca data, or set it to 1")
+        if self.data.packing:
+            raise ValueError("data.packing=true cannot be used with distill.mode=on_policy: each row's response is "
+                             "replaced by the student's sample, one prompt per row; set data.packing=false")
+        if d.generation.engine == "vllm" and self.tuning.mode not in VLLM_MODES:
+            raise ValueError(
+                f"distill.generation.engine=vllm cannot sample from tuning.mode={self.tuning.mode}: the engine loads "
+                f"merged weights under the base model's names ({', '.join(VLLM_MODES)}); use engine transformers or "
+                f"auto"
             )
         return self
 
@@ -561,14 +894,15 @@ def _without_none(ann: Any) -> Any:
     return ann
 
 
-def _field_path(loc: tuple) -> str:
+def _field_path(loc: tuple, root: type[BaseModel] | None = None) -> str:
     """The dotted field name of an error location, e.g. ``data.train[0].format``.
 
     Pydantic puts a tag for each member of a union in the location
     (``tuning.lora.target_modules.str``); those are not keys the user wrote, so they are left out.
+    ``root`` is the validated model (default ``RunConfig``).
     """
     shown = ""
-    ann: Any = RunConfig
+    ann: Any = root or RunConfig
     for part in loc:
         ann = _without_none(ann)
         if isinstance(part, int):
@@ -591,12 +925,12 @@ def _field_path(loc: tuple) -> str:
     return shown
 
 
-def _format_errors(exc: ValidationError, source: str) -> str:
+def _format_errors(exc: ValidationError, source: str, root: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config ({source}):"]
     # A value that fits no member of a union gets one error per member: shown as one line.
     by_field: dict[str, list[dict]] = {}
     for err in exc.errors():
-        by_field.setdefault(_field_path(err["loc"]), []).append(err)
+        by_field.setdefault(_field_path(err["loc"], root), []).append(err)
     for loc, errs in by_field.items():
         err = errs[0]
         given = err.get("input")

@@ -17,12 +17,18 @@ from posttrain.data.synthetic import (
     split_train_test,
     write_jsonl,
 )
-from posttrain.models.tiny import build_tiny_model
+from posttrain.models.tiny import build_tiny_model, build_tiny_moe
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> Path:
+    """A tiny Qwen3-MoE (4 experts, top-2, 2 layers) with the tiny model's tokenizer and chat template."""
+    return build_tiny_moe(tmp_path_factory.mktemp("models") / "tiny-moe", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,12 @@ def epoch_plan(lengths: list[int], global_batch: int, epoch: int, seed: int, gro
     rng = random.Random(f"{seed}-{epoch}")
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    return batches_of(order, lengths, global_batch, rng, group_by_length)
+
+
+def batches_of(order: list[int], lengths: list[int], global_batch: int, rng: random.Random,
+               group_by_length: bool) -> list[list[int]]:
+    """Cut an epoch's shuffled ``order`` into global batches, in a random order (a last partial batch is dropped)."""
     if group_by_length:
         mega = global_batch * _MEGABATCH
         grouped = []
@@ -45,23 +51,30 @@ def split_global_batch(batch: list[int], lengths: list[int], n_micro: int, world
     return [parts[m * world + rank] for m in range(n_micro)]
 
 
-def collate(samples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(samples: list[list[tuple]], pad_id: int) -> dict[str, torch.Tensor]:
     """Build a batch from rows, each row a list of (input_ids, labels) samples.
 
     Rows with one sample get an ordinary padding mask. Rows with several (packing)
     get position ids that restart per sample and no attention mask; the padding
     then forms its own segment, which nothing else attends to.
+
+    A sample may carry a third element, its task id: the batch then also holds ``task_ids``
+    (B, T), each position's task (-1 on padding), for per-task metrics. It is no model input.
     """
     packed = any(len(row) > 1 for row in samples)
-    width = max(sum(len(ids) for ids, _ in row) for row in samples)
+    tasked = any(len(s) > 2 for row in samples for s in row)
+    width = max(sum(len(s[0]) for s in row) for row in samples)
     input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(samples), width), dtype=torch.long)
     attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    task_ids = torch.full((len(samples), width), -1, dtype=torch.long)
     for r, row in enumerate(samples):
         at = 0
-        for ids, labs in row:
+        for ids, labs, *task in row:
             n = len(ids)
+            if task:
+                task_ids[r, at : at + n] = task[0]
             input_ids[r, at : at + n] = torch.as_tensor(ids)
             labels[r, at : at + n] = torch.as_tensor(labs)
             # The first token of a sample is never a target: alone, nothing precedes it.
@@ -73,6 +86,8 @@ def collate(samples: list[list[tuple[list[int], list[int]]]], pad_id: int) -> di
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
     if not packed:
         batch["attention_mask"] = attention_mask
+    if tasked:
+        batch["task_ids"] = task_ids
     return batch
 
 

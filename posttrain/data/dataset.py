@@ -4,6 +4,9 @@ load -> validate (row report) -> split eval -> render + mask -> over-long handli
 -> weights -> pack. The fingerprint covers the files' bytes, the tokenizer, its
 chat template and every setting that changes the result, so a second run with
 the same inputs skips all of it and any change rebuilds it.
+
+Each example's task (its source's ``task``, else its row's ``task`` field, else "untasked";
+"replay" for ``data.replay`` rows) travels with its tokens when the data names any task.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ import io
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
-from posttrain.config import ONLINE_METHODS, DataConfig, DataSource
+from posttrain.config import ONLINE_METHODS, TASK_METHODS, DataConfig, DataSource, read_yaml
 from posttrain.data.formats import Example
+from posttrain.data.mixing import REPLAY_TASK
 from posttrain.data.packing import pack_best_fit
 from posttrain.data.pairs import FEEDBACK_METHODS, PAIR_METHODS, PairEncoder, set_type, to_set
 from posttrain.data.prompts import PromptEncoder, PromptSet, to_prompt_set
@@ -30,11 +35,11 @@ from posttrain.errors import PosttrainError
 from posttrain.io import atomic_write_bytes, atomic_write_text
 
 # Bump when the encoding logic or the cached report changes, so stale caches are never reused.
-PIPELINE_VERSION = "3"
+PIPELINE_VERSION = "4"
 
 METHOD_FORMATS = {
     "pretrain": ("text",),
-    "sft": ("alpaca", "messages"),
+    "sft": ("alpaca", "messages", "multitask"),
     "reward": ("preference",),
     "dpo": ("preference",),
     "simpo": ("preference",),
@@ -44,7 +49,13 @@ METHOD_FORMATS = {
     "rft": ("prompt",),
     "online_dpo": ("prompt",),
     "ppo": ("prompt",),
+    # Logit and on-policy distillation read responses; sequence-level and on-policy distillation read prompts.
+    "distill": ("alpaca", "messages", "prompt"),
 }
+# Replayed data may be plain text in SFT too (the pretraining data a model should not forget).
+REPLAY_FORMATS = {"pretrain": ("text",), "sft": ("text", "alpaca", "messages", "multitask")}
+# The task of the rows that name none, when others do.
+UNTASKED = "untasked"
 
 
 @dataclass
@@ -54,6 +65,10 @@ class TokenizedSet:
     input_ids: list[np.ndarray]
     labels: list[np.ndarray]
     rows: list[list[int]]  # sample indices per training row (one each without packing)
+    # The task table (the same for a stage's train and eval sets) and each sample's index into it;
+    # empty and None when the data names no task.
+    task_names: list[str] = field(default_factory=list)
+    sample_tasks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -61,8 +76,17 @@ class TokenizedSet:
     def row_lengths(self) -> list[int]:
         return [sum(len(self.input_ids[i]) for i in row) for row in self.rows]
 
-    def row(self, r: int) -> list[tuple[list[int], list[int]]]:
-        return [(self.input_ids[i].tolist(), self.labels[i].tolist()) for i in self.rows[r]]
+    def row(self, r: int) -> list[tuple]:
+        """The row's samples as (input_ids, labels), or (input_ids, labels, task id) when the data has tasks."""
+        if self.sample_tasks is None:
+            return [(self.input_ids[i].tolist(), self.labels[i].tolist()) for i in self.rows[r]]
+        return [(self.input_ids[i].tolist(), self.labels[i].tolist(), int(self.sample_tasks[i])) for i in self.rows[r]]
+
+    def row_tasks(self) -> list[int]:
+        """Each row's task id: its first sample's (rows are packed within one task when data.mixing or replay is on)."""
+        if self.sample_tasks is None:
+            return [0] * len(self.rows)
+        return [int(self.sample_tasks[row[0]]) for row in self.rows]
 
     @property
     def n_tokens(self) -> int:
@@ -79,6 +103,8 @@ class TokenizedSet:
             lens=lens,
             rows=np.array([i for r in self.rows for i in r], dtype=np.int64),
             row_lens=row_lens,
+            task_names=np.array(json.dumps(self.task_names)),
+            sample_tasks=self.sample_tasks if self.sample_tasks is not None else np.zeros(0, np.int32),
         )
         atomic_write_bytes(path, buf.getvalue())
 
@@ -87,10 +113,13 @@ class TokenizedSet:
         z = np.load(path)
         cuts = np.cumsum(z["lens"])[:-1]
         rcuts = np.cumsum(z["row_lens"])[:-1]
+        names = json.loads(str(z["task_names"]))
         return cls(
             list(np.split(z["ids"], cuts)) if len(z["lens"]) else [],
             list(np.split(z["labels"], cuts)) if len(z["lens"]) else [],
             [r.tolist() for r in np.split(z["rows"], rcuts)] if len(z["row_lens"]) else [],
+            names,
+            z["sample_tasks"] if names else None,
         )
 
 
@@ -126,6 +155,7 @@ def fingerprint(cfg: DataConfig, tokenizer, method: str, seed: int) -> str:
         "settings": cfg.model_dump(exclude={"train", "eval", "cache_dir"}),
         "train": [(s.model_dump(), file_digest(s.path)) for s in cfg.train],
         "eval": [(s.model_dump(), file_digest(s.path)) for s in cfg.eval],
+        "replay": [(s.model_dump(), file_digest(s.path)) for s in replay_sources(cfg)],
         "tokenizer": tokenizer_digest(tokenizer),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -135,12 +165,49 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("POSTTRAIN_CACHE", Path.home() / ".cache" / "posttrain")) / "data"
 
 
-def _check_format(src: DataSource, method: str) -> None:
-    if src.format not in METHOD_FORMATS[method]:
+def _check_format(src: DataSource, method: str, replay: bool = False) -> None:
+    allowed = REPLAY_FORMATS[method] if replay else METHOD_FORMATS[method]
+    if src.format not in allowed:
+        what = "replay data file" if replay else "data file"
         raise PosttrainError(
-            f"data file {src.path} has format '{src.format}', which method '{method}' does not take; "
-            f"allowed: {', '.join(METHOD_FORMATS[method])}"
+            f"{what} {src.path} has format '{src.format}', which method '{method}' does not take"
+            f"{' as replay' if replay else ''}; allowed: {', '.join(allowed)}"
         )
+
+
+def replay_sources(cfg: DataConfig) -> list[DataSource]:
+    """The files of ``data.replay``: each source as given, or an earlier run folder's ``data.train`` files."""
+    if cfg.replay is None:
+        return []
+    out = []
+    for i, src in enumerate(cfg.replay.sources):
+        if Path(src.path).is_dir():
+            out += _run_train_sources(Path(src.path), src.weight, f"data.replay.sources[{i}]")
+        else:
+            out.append(src)
+    return out
+
+
+def _run_train_sources(folder: Path, weight: float, where: str) -> list[DataSource]:
+    """The training files of the run in ``folder`` (the run's folder or its final/), read from its config.yaml."""
+    run = next((d for d in (folder, folder.parent) if (d / "config.yaml").is_file()), None)
+    if run is None:
+        raise PosttrainError(f"{where}: {folder} is a folder but not a run (no config.yaml in it or its parent); "
+                             f"name an earlier run, or the data files to replay")
+    raw = read_yaml(run / "config.yaml").get("data")
+    try:
+        train = DataConfig.model_validate(raw).train
+    except ValidationError as exc:
+        raise PosttrainError(f"{where}: the data section of {run / 'config.yaml'} is not valid: "
+                             f"{exc.errors()[0]['msg']}") from None
+    out = []
+    for src in train:
+        path = Path(src.path)
+        # A run's config keeps its paths as given; a relative one is taken from the run's folder if not found here.
+        if not path.is_absolute() and not path.exists() and (run / path).exists():
+            path = run / path
+        out.append(src.model_copy(update={"path": str(path), "weight": src.weight * weight, "task": None}))
+    return out
 
 
 class _Encoder:
@@ -191,16 +258,22 @@ def _weighted(indices: list[int], weight: float, rng: random.Random) -> list[int
     return out
 
 
+def reads_prompts(cfg: DataConfig, method: str) -> bool:
+    """Whether a stage's data are prompts to sample from (a ``PromptSet``) rather than token rows."""
+    return method in ONLINE_METHODS or (method == "distill" and all(s.format == "prompt" for s in cfg.train))
+
+
 def _encoder(tokenizer, cfg: DataConfig, report: DataReport, method: str, max_new_tokens: int = 0):
-    if method in ONLINE_METHODS:
+    if reads_prompts(cfg, method):
         return PromptEncoder(tokenizer, cfg.max_seq_len - max_new_tokens, report)
     if method in PAIR_METHODS + FEEDBACK_METHODS:
         return PairEncoder(tokenizer, cfg, report, method)
     return _Encoder(tokenizer, cfg, report)
 
 
-def _assemble(items: list, cfg: DataConfig, method: str, seed: int):
-    if method in ONLINE_METHODS:
+def _assemble(items: list, cfg: DataConfig, method: str, seed: int, tasks: list[str | None] | None = None,
+              task_names: list[str] | None = None):
+    if reads_prompts(cfg, method):
         return to_prompt_set(items)
     if method in PAIR_METHODS + FEEDBACK_METHODS:
         return to_set(items, method, seed)
@@ -208,8 +281,31 @@ def _assemble(items: list, cfg: DataConfig, method: str, seed: int):
         [np.asarray(s.input_ids, np.int32) for s in items], [np.asarray(s.labels, np.int32) for s in items], []
     )
     lengths = [len(x) for x in ds.input_ids]
-    ds.rows = pack_best_fit(lengths, cfg.max_seq_len) if cfg.packing else [[i] for i in range(len(lengths))]
+    if not task_names:
+        ds.rows = pack_best_fit(lengths, cfg.max_seq_len) if cfg.packing else [[i] for i in range(len(lengths))]
+        return ds
+    ids = {name: k for k, name in enumerate(task_names)}
+    ds.task_names = list(task_names)
+    ds.sample_tasks = np.array([ids[t or UNTASKED] for t in tasks], dtype=np.int32)
+    if not cfg.packing:
+        ds.rows = [[i] for i in range(len(lengths))]
+    elif cfg.mixing is None and cfg.replay is None:
+        ds.rows = pack_best_fit(lengths, cfg.max_seq_len)
+    else:
+        # Mixing draws rows by task, so a packed row holds one task's samples only.
+        ds.rows = []
+        for k in range(len(task_names)):
+            mine = [i for i, t in enumerate(ds.sample_tasks) if t == k]
+            ds.rows += [[mine[j] for j in row] for row in pack_best_fit([lengths[i] for i in mine], cfg.max_seq_len)]
     return ds
+
+
+def _task_table(*task_lists: list[str | None]) -> list[str]:
+    """The sorted task names of a stage's data, "untasked" included when some rows name no task; [] if none do."""
+    named = {t for tasks in task_lists for t in tasks if t is not None}
+    if named and any(t is None for tasks in task_lists for t in tasks):
+        named.add(UNTASKED)
+    return sorted(named)
 
 
 def _build(cfg: DataConfig, tokenizer, method: str, seed: int, max_new_tokens: int = 0):
@@ -219,6 +315,8 @@ def _build(cfg: DataConfig, tokenizer, method: str, seed: int, max_new_tokens: i
     train_items: list = []
     eval_items: list = []
     train_index: list[int] = []
+    train_tasks: list[str | None] = []
+    eval_tasks: list[str | None] = []
 
     for src in cfg.train:
         _check_format(src, method)
@@ -229,12 +327,27 @@ def _build(cfg: DataConfig, tokenizer, method: str, seed: int, max_new_tokens: i
         mine = []
         for k, ex in enumerate(examples):
             items = encoder(ex)
+            task = src.task or getattr(ex, "task", None)
             if k in held:
                 eval_items.extend(items)
+                eval_tasks.extend([task] * len(items))
                 continue
             mine.extend(range(len(train_items), len(train_items) + len(items)))
             train_items.extend(items)
+            train_tasks.extend([task] * len(items))
         train_index.extend(_weighted(mine, src.weight, rng))
+
+    if cfg.replay is not None:
+        if REPLAY_TASK in train_tasks + eval_tasks:
+            raise PosttrainError(f"the task name {REPLAY_TASK!r} is kept for data.replay's rows; rename that task "
+                                 f"in the training data")
+        for src in replay_sources(cfg):
+            _check_format(src, method, replay=True)
+            examples, _ = load_examples(src.path, src.format, role_map=src.role_map, report=report)
+            start = len(train_items)
+            train_items.extend(item for ex in examples for item in encoder(ex))
+            train_tasks.extend([REPLAY_TASK] * (len(train_items) - start))
+            train_index.extend(_weighted(list(range(start, len(train_items))), src.weight, rng))
 
     report.check(cfg.max_drop_fraction, "training data")
     if not train_index:
@@ -247,14 +360,21 @@ def _build(cfg: DataConfig, tokenizer, method: str, seed: int, max_new_tokens: i
             _check_format(src, method)
             examples, _ = load_examples(src.path, src.format, role_map=src.role_map, report=eval_report)
             for ex in examples:
-                eval_items.extend(eval_encoder(ex))
+                items = eval_encoder(ex)
+                eval_items.extend(items)
+                eval_tasks.extend([src.task or getattr(ex, "task", None)] * len(items))
         eval_report.check(cfg.max_drop_fraction, "eval data")
         report.merge(eval_report)
 
+    # Only the supervised methods' loss reads tasks; other methods' batches must not grow a task_ids tensor.
+    names = _task_table(train_tasks, eval_tasks) if method in TASK_METHODS else []
+    if not names and cfg.mixing is not None:
+        names = [UNTASKED]  # data.mixing over data that names no task: one task, every row once per epoch
     # Weighted repeats share arrays; the index list decides what is trained and how often.
-    train = _assemble([train_items[i] for i in train_index], cfg, method, seed)
+    train = _assemble([train_items[i] for i in train_index], cfg, method, seed, [train_tasks[i] for i in train_index],
+                      names)
     report.record_lengths(_example_lengths(train))
-    evalset = _assemble(eval_items, cfg, method, seed)
+    evalset = _assemble(eval_items, cfg, method, seed, eval_tasks, names)
     return train, (evalset if len(evalset) else None), report
 
 
@@ -276,8 +396,8 @@ def build_datasets(cfg: DataConfig, tokenizer, method: str, seed: int, *, log=pr
     folder = cache_folder(cfg, fp)
     if (folder / "report.json").is_file():
         report = DataReport.from_dict(json.loads((folder / "report.json").read_text()))
-        kind = (PromptSet if method in ONLINE_METHODS else set_type(method) if method in PAIR_METHODS + FEEDBACK_METHODS
-                else TokenizedSet)
+        kind = (PromptSet if reads_prompts(cfg, method)
+                else set_type(method) if method in PAIR_METHODS + FEEDBACK_METHODS else TokenizedSet)
         train = kind.load(folder / "train.npz")
         evalset = kind.load(folder / "eval.npz") if (folder / "eval.npz").is_file() else None
         log(f"tokenized data loaded from cache {folder}")

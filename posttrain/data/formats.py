@@ -8,6 +8,11 @@ Formats:
 - ``preference``: {"prompt", "chosen", "rejected", ...}, a prompt with a better and a worse
   response; and ``feedback``: {"prompt", "completion", "label"}, one response labelled
   desirable or not (KTO). Both live in ``preference.py``, built on this module's parsers.
+- ``multitask``: {"task", "input", "output", "instruction"?}: one task's example (seed-style task
+  collections); the user turn is the instruction and the input, the assistant turn the output.
+
+Rows of ``text``, ``alpaca``, ``messages`` and ``multitask`` may name their ``task`` (a string or an
+integer); per-task metrics and ``data.mixing`` group rows by it (docs/multitask.md).
 
 ``normalise`` collects every problem in a row instead of stopping at the first, so a
 user fixing a file sees all of a row's faults in one pass. The ``reason`` of each
@@ -20,13 +25,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from posttrain.config import TASK_NAME, TASK_NAME_RULE
 from posttrain.data.report import RowIssue
 from posttrain.errors import PosttrainError
 
 if TYPE_CHECKING:
     from posttrain.data.preference import FeedbackExample, PreferenceExample
 
-FORMATS = ("text", "alpaca", "messages", "preference", "feedback", "prompt")
+FORMATS = ("text", "alpaca", "messages", "preference", "feedback", "prompt", "multitask")
 ROLES = ("system", "user", "assistant", "tool")
 # ShareGPT exports name speakers after the tool that produced them; these are the common names.
 DEFAULT_ROLE_MAP: dict[str, str] = {
@@ -54,6 +60,7 @@ class Example:
     row: int
     text: str | None = None  # format "text"
     messages: list[dict] | None = None  # [{"role": ..., "content": ...}], roles in ROLES
+    task: str | None = None  # the row's task, when it names one
 
 
 def json_type(value: object) -> str:
@@ -94,13 +101,16 @@ def normalise(
 
         schema = {"preference": normalise_preference, "feedback": normalise_feedback, "prompt": normalise_prompt}
         return schema[fmt](row, file=file, row_no=row_no)
+    task = _task(row, issues, required=fmt == "multitask")
     if fmt == "text":
-        example = Example(file, row_no, text=_text(row, issues))
+        example = Example(file, row_no, text=_text(row, issues), task=task)
     elif fmt == "alpaca":
-        example = Example(file, row_no, messages=_alpaca(row, issues))
+        example = Example(file, row_no, messages=_alpaca(row, issues), task=task)
+    elif fmt == "multitask":
+        example = Example(file, row_no, messages=_multitask(row, issues), task=task)
     else:
         roles = DEFAULT_ROLE_MAP if role_map is None else role_map
-        example = Example(file, row_no, messages=_conversation(row, issues, roles))
+        example = Example(file, row_no, messages=_conversation(row, issues, roles), task=task)
     return issues.found or example
 
 
@@ -140,6 +150,33 @@ def _text(row: dict, issues: Issues) -> str | None:
     if text is not None and not text.strip():
         issues.add("text", "empty text")
     return text
+
+
+def _task(row: dict, issues: Issues, *, required: bool) -> str | None:
+    value = row.get("task")
+    # Task collections often number their tasks; a number names the task as well as a string does.
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    task = parse_string(issues, value, "task", required=required, expected="string or integer")
+    if task is not None and not TASK_NAME.fullmatch(task):
+        issues.add("task", "bad task name", f"{task!r}: a task name is {TASK_NAME_RULE}")
+        return None
+    return task
+
+
+def _multitask(row: dict, issues: Issues) -> list[dict]:
+    instruction = parse_string(issues, row.get("instruction"), "instruction", required=False)
+    given = parse_string(issues, row.get("input"), "input", required=True)
+    output = parse_string(issues, row.get("output"), "output", required=True)
+    messages = []
+    if given is not None:
+        check_not_empty(issues, "user", given, "input")
+        prompt = f"{instruction}\n\n{given}" if instruction and instruction.strip() else given
+        messages.append({"role": "user", "content": prompt})
+    if output is not None:
+        check_not_empty(issues, "assistant", output, "output")
+        messages.append({"role": "assistant", "content": output})
+    return messages
 
 
 def _alpaca(row: dict, issues: Issues) -> list[dict]:

@@ -53,6 +53,11 @@ class PromptSet:
         return cls(ids, json.loads(z["info"].tobytes().decode()))
 
 
+def last_user_text(prompt: list[dict]) -> str:
+    """The content of a prompt's last user turn ("" when it has none): what a report or a task list shows of it."""
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

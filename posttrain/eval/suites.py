@@ -3,6 +3,9 @@
 - ``perplexity``: per-token NLL of held-out text (or of the assistant turns of chat data) -> perplexity.
 - ``generation``: greedy answers to prompts, scored by reward specs (exact match, numeric match,
   regex, a Python function, ...) as the online methods use them.
+
+Both also report each metric per task (``perplexity/<task>``, ``exact_match/<task>``, ...) when
+rows carry a ``task`` field; the headline stays the metric over all rows.
 - ``multiple_choice``: the option with the highest log-likelihood after the prompt is the answer;
   ``accuracy`` sums the option's token log-probs, ``accuracy_norm`` divides by its characters.
 - ``reward_model``: greedy answers scored by a reward model.
@@ -21,6 +24,7 @@ import torch
 
 from posttrain.config import DataConfig, EvalSuite
 from posttrain.data.collate import collate
+from posttrain.data.prompts import last_user_text
 from posttrain.data.report import DataReport
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.errors import DataError, PosttrainError
@@ -57,19 +61,32 @@ def _perplexity(suite: EvalSuite, model, tokenizer, max_seq_len: int) -> SuiteRe
     report = DataReport()
     examples, _ = load_examples(suite.path, suite.format or "text", report=report)
     encoder = _Encoder(tokenizer, DataConfig(train=[suite.path], max_seq_len=max_seq_len), report)
-    samples = [s for ex in examples[: suite.limit] for s in encoder(ex)]
+    samples, tasks = [], []
+    for ex in examples[: suite.limit]:
+        mine = encoder(ex)
+        samples += mine
+        tasks += [ex.task] * len(mine)
     if not samples:
         raise DataError(f"eval suite {suite.name!r}: {suite.path} gave no text to score\n{report.format('eval')}")
-    nll, tokens = 0.0, 0
+    nll = [0.0] * len(samples)
+    counts = [0] * len(samples)
     for k in range(0, len(samples), suite.batch_size):
         part = samples[k : k + suite.batch_size]
         batch = collate([[(s.input_ids, s.labels)] for s in part], tokenizer.pad_token_id or 0)
         lp, mask = _token_logps(model, batch)
-        nll -= float((lp * mask).sum())
-        tokens += int(mask.sum())
-    loss = nll / max(tokens, 1)
-    return SuiteResult({"perplexity": math.exp(min(loss, 50.0)), "loss": loss, "tokens": float(tokens)},
-                       len(samples), "perplexity", higher_is_better=False)
+        nll[k : k + len(part)] = (-(lp * mask).sum(-1)).tolist()
+        counts[k : k + len(part)] = mask.sum(-1).long().tolist()
+    metrics = _nll_metrics(nll, counts)
+    for task in sorted({t for t in tasks if t is not None}):
+        mine = [i for i, t in enumerate(tasks) if t == task]
+        metrics.update({f"{k}/{task}": v for k, v in _nll_metrics([nll[i] for i in mine],
+                                                                   [counts[i] for i in mine]).items()})
+    return SuiteResult(metrics, len(samples), "perplexity", higher_is_better=False)
+
+
+def _nll_metrics(nll: list[float], counts: list[int]) -> dict[str, float]:
+    loss = sum(nll) / max(sum(counts), 1)
+    return {"perplexity": math.exp(min(loss, 50.0)), "loss": loss, "tokens": float(sum(counts))}
 
 
 @torch.no_grad()
@@ -180,10 +197,6 @@ def _inputs(prompts: list, answers: list[str]) -> list:
             for p, a in zip(prompts, answers)]
 
 
-def _last_user(prompt: list[dict]) -> str:
-    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
-
-
 def _generated(suite: EvalSuite, model, tokenizer) -> SuiteResult:
     prompts = _prompts(suite)
     answers = greedy_answers(model, tokenizer, prompts, suite)
@@ -194,7 +207,7 @@ def _generated(suite: EvalSuite, model, tokenizer) -> SuiteResult:
 
         scores = RewardModelReward(suite.reward_model, batch_size=suite.batch_size)(_inputs(prompts, answers))
         ok = [s for s in scores if s is not None]
-        samples = [{"prompt": _last_user(p.prompt), "reference": p.reference, "completion": a, "score": s}
+        samples = [{"prompt": last_user_text(p.prompt), "reference": p.reference, "completion": a, "score": s}
                    for p, a, s in zip(prompts, answers, scores)]
         return SuiteResult({"reward": sum(ok) / max(len(ok), 1)}, len(ok), "reward", samples=samples)
     return _win_rate(suite, prompts, answers)
@@ -213,12 +226,27 @@ def _scored(suite: EvalSuite, prompts: list, answers: list[str]) -> SuiteResult:
         ok = [v for v in result.components.get(name, []) if v is not None and math.isfinite(v)]
         metrics[name] = sum(ok) / len(ok) if ok else float("nan")
     metrics["unscored"] = sum(t is None for t in result.total) / len(answers)
+    tasks = [_task_of(p) for p in prompts]
+    for task in sorted({t for t in tasks if t is not None}):
+        for name in scorer.names:
+            ok = [v for v, t in zip(result.components.get(name, []), tasks)
+                  if t == task and v is not None and math.isfinite(v)]
+            metrics[f"{name}/{task}"] = sum(ok) / len(ok) if ok else float("nan")
     samples = []
     for i, (p, a) in enumerate(zip(prompts, answers)):
         scores = {name: result.components[name][i] for name in scorer.names}
-        samples.append({"prompt": _last_user(p.prompt), "reference": p.reference, "completion": a,
-                        "score": scores[scorer.names[0]], "scores": scores})
+        sample = {"prompt": last_user_text(p.prompt), "reference": p.reference, "completion": a,
+                  "score": scores[scorer.names[0]], "scores": scores}
+        if tasks[i] is not None:
+            sample["task"] = tasks[i]
+        samples.append(sample)
     return SuiteResult(metrics, len(answers), scorer.names[0], samples=samples)
+
+
+def _task_of(prompt) -> str | None:
+    """A prompt row's ``task`` field (a string or number), for the per-task breakdown."""
+    task = (prompt.metadata or {}).get("task")
+    return str(task) if isinstance(task, (str, int)) and not isinstance(task, bool) and str(task) else None
 
 
 def _win_rate(suite: EvalSuite, prompts: list, answers: list[str]) -> SuiteResult:
@@ -246,7 +274,7 @@ def _win_rate(suite: EvalSuite, prompts: list, answers: list[str]) -> SuiteResul
     n = len(points)
     metrics = {"win_rate": sum(points) / n, "wins": sum(o == 1.0 for o in outcome) / n,
                "losses": sum(o == 0.0 for o in outcome) / n, "ties_or_undecided": sum(p == 0.5 for p in points) / n}
-    samples = [{"prompt": _last_user(p.prompt), "reference": b, "completion": a, "score": o}
+    samples = [{"prompt": last_user_text(p.prompt), "reference": b, "completion": a, "score": o}
                for p, a, b, o in zip(prompts, answers, base_answers, outcome)]
     return SuiteResult(metrics, n, "win_rate", samples=samples)
 

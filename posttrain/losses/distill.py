@@ -14,10 +14,18 @@ With ``p`` the teacher's and ``q`` the student's distribution at one position, b
 Every divergence is multiplied by ``T²`` (Hinton et al. 2015, §2) so that its gradients keep the same
 scale whatever the temperature. Positions where ``mask`` is 0 (prompt, padding) give 0.
 
-Shapes: logits (B, L, V); mask (B, L); results (B, L). With a top-k teacher cache the teacher is given
-as ``teacher_logps`` (B, L, k) at the vocabulary ids ``teacher_ids`` (B, L, k): both distributions are
-then restricted to those k ids and renormalised there (exact when the teacher's mass outside its top
-k is negligible, which is why k of 20–100 is enough in practice).
+Shapes: logits (B, L, V); mask (B, L); results (B, L).
+
+With a top-k teacher (``distill_token_losses_topk``, e.g. a precomputed cache) only the teacher's k most likely
+ids S are known, plus its total probability outside them. Both distributions are then coarsened to k + 1
+categories, the k ids and "every other id" (the student's full softmax at the k ids and its own leftover
+1 − Σ_S q_v; nothing is renormalised), and the divergence is taken between the coarsened distributions.
+Coarsening never increases a divergence (data-processing inequality), so this is a lower bound of the full
+one, and it still sees the mass the student puts outside S. For forward KL it equals the full divergence when
+the teacher puts no mass outside S, and its gradient with respect to the logits of the k ids is exactly the
+full one (``q_v − p_v``); the ids outside S get ``q_v (1 − r_p / r_q)``, the full gradient with the teacher's
+leftover ``r_p`` spread over them in proportion to the student's ``q_v / r_q``. For reverse KL and JSD it is
+exact when, outside S, the student's distribution is proportional to the teacher's.
 """
 
 from __future__ import annotations
@@ -74,35 +82,90 @@ def distill_token_losses(
 def _tempered(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, kind: str, temperature: float,
               beta: float) -> torch.Tensor:
     """The divergence of softmax(scores / T) over the last dim (aligned ids), times T², masked."""
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature}")
+    _check_temperature(temperature)
     log_q = torch.log_softmax(_wide(student) / temperature, dim=-1)
     log_p = torch.log_softmax(_wide(teacher) / temperature, dim=-1)
-    return divergence(log_p, log_q, kind, beta) * temperature**2 * mask.to(log_q.dtype)
+    return _masked(divergence(log_p, log_q, kind, beta) * temperature**2, mask)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature}")
+
+
+def _masked(losses: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # A select, not a product: a position outside the mask may hold padding that gives NaN, and 0 · NaN is NaN.
+    return torch.where(mask.bool(), losses, torch.zeros_like(losses))
+
+
+def _rest(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log Σ_{v not in ids} exp(log_probs_v) over the last dim, (...,): the log-probability of every other id."""
+    return log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1)
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0):
+    """The teacher as ``distill_token_losses_topk`` takes it: its k most likely ids at each position.
+
+    Returns ``(logps, ids, rest)``: ``log softmax(teacher_logits / T)`` over the full vocabulary at the ids
+    (..., k), not renormalised; the ids (..., k), most likely first; and the log of the probability of every
+    other id (...,), ``-inf`` when k is the whole vocabulary. k is cut to the vocabulary size.
+    """
+    _check_temperature(temperature)
+    log_p = torch.log_softmax(_wide(teacher_logits) / temperature, dim=-1)
+    logps, ids = log_p.topk(min(k, log_p.shape[-1]), dim=-1)
+    return logps, ids, _rest(log_p, ids)
 
 
 def distill_token_losses_topk(
     student_logits: torch.Tensor,
     teacher_logps: torch.Tensor,
     teacher_ids: torch.Tensor,
+    teacher_rest: torch.Tensor,
     mask: torch.Tensor,
     *,
     kind: str = "forward_kl",
     temperature: float = 1.0,
     beta: float = 0.5,
 ) -> torch.Tensor:
-    """As ``distill_token_losses`` with the teacher given only at its top-k ids (a precomputed cache).
+    """As ``distill_token_losses`` with the teacher known only at its top-k ids, on k + 1 categories (module doc).
 
-    ``teacher_logps``: the teacher's log-probs at temperature 1 of the ids ``teacher_ids`` (B, L, k).
-    They are re-tempered here (``log p / T``, renormalised over the k ids), so one cache serves any T.
+    ``teacher_logps`` (B, L, k): the teacher's log-probs at temperature ``T`` (over its full vocabulary, not
+    renormalised) of the ids ``teacher_ids`` (B, L, k), distinct at each position; ``teacher_rest`` (B, L): the
+    log of its probability outside them (``teacher_topk`` gives all three). The student's logits (B, L, V)
+    are tempered and normalised over all V ids. When k = V the "every other id" category is empty and left out.
     """
-    if teacher_logps.shape != teacher_ids.shape or teacher_ids.shape[:2] != student_logits.shape[:2]:
+    if (teacher_logps.shape != teacher_ids.shape or teacher_ids.shape[:2] != student_logits.shape[:2]
+            or teacher_rest.shape != teacher_ids.shape[:2]):
         raise ValueError(
             f"teacher top-k log-probs {tuple(teacher_logps.shape)} and ids {tuple(teacher_ids.shape)} must both be "
-            f"(B, L, k) with (B, L) = {tuple(student_logits.shape[:2])}"
+            f"(B, L, k) and its leftover {tuple(teacher_rest.shape)} (B, L), with (B, L) = "
+            f"{tuple(student_logits.shape[:2])}"
         )
-    student_at = torch.gather(_wide(student_logits), -1, teacher_ids.long())
-    return _tempered(student_at, teacher_logps, mask, kind, temperature, beta)
+    _check_temperature(temperature)
+    ids = teacher_ids.long()
+    log_q_all = torch.log_softmax(_wide(student_logits) / temperature, dim=-1)
+    log_q = log_q_all.gather(-1, ids)
+    log_p = teacher_logps.to(log_q.dtype)
+    if ids.shape[-1] < student_logits.shape[-1]:
+        log_q = torch.cat([log_q, _rest(log_q_all, ids).unsqueeze(-1)], dim=-1)
+        log_p = torch.cat([log_p, teacher_rest.to(log_q.dtype).unsqueeze(-1)], dim=-1)
+    return _masked(divergence(log_p, log_q, kind, beta) * temperature**2, mask)
 
 
-__all__ = ["KINDS", "divergence", "distill_token_losses", "distill_token_losses_topk"]
+def mixed_token_losses(nll: torch.Tensor, divergence: torch.Tensor, hard_weight: float) -> torch.Tensor:
+    """Hinton et al. (2015, §2): a weighted average of the hard-label and the soft-label objectives, per token.
+
+    ``hard_weight · NLL + (1 − hard_weight) · D`` where ``NLL = −log q(y)`` is the student's loss on the
+    data's own token at T = 1 and ``D`` the T²-scaled divergence of ``distill_token_losses`` (the T² keeps
+    the two terms' gradients on one scale, so ``hard_weight`` means the same at any temperature).
+    ``hard_weight = 0`` is pure distillation. Shapes: any, the same for both; the result has that shape.
+    """
+    if not 0 <= hard_weight <= 1:
+        raise ValueError(f"hard_weight must be in [0, 1]; got {hard_weight}")
+    if nll.shape != divergence.shape:
+        raise ValueError(f"nll {tuple(nll.shape)} and divergence {tuple(divergence.shape)} must have one shape")
+    return hard_weight * nll + (1 - hard_weight) * divergence
+
+
+__all__ = ["KINDS", "divergence", "distill_token_losses", "distill_token_losses_topk", "mixed_token_losses",
+           "teacher_topk"]

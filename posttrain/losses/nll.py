@@ -27,3 +27,17 @@ def nll_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
         reduction="sum",
     )
     return loss, (shift_labels != IGNORE_INDEX).sum()
+
+
+def group_sums(values: torch.Tensor, groups: torch.Tensor, n_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of ``values``, number of entries) per group id in [0, n_groups); entries with a group of -1 are left out.
+
+    values, groups: the same shape (e.g. (B, T-1) per-token losses and their targets' task ids).
+    Returns two (n_groups,) tensors: float64 sums and int64 counts.
+    """
+    keep = groups >= 0
+    ids = groups[keep]
+    sums = torch.zeros(n_groups, dtype=torch.float64, device=values.device).index_add_(
+        0, ids, values[keep].double())
+    counts = torch.bincount(ids, minlength=n_groups)
+    return sums, counts

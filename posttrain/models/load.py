@@ -100,6 +100,12 @@ def load_model(cfg: ModelConfig, tuning_mode: str = "full", qlora=None):
     if is_adapter_folder(name):
         from peft import PeftModel
 
+        if cfg.quantize != "none":
+            raise PosttrainError(
+                f"model.quantize={cfg.quantize} with the adapter folder model.name_or_path={name!r}: loading merges it "
+                f"into the base, and merging into quantized weights rounds it. Name its base model and continue the "
+                f"adapter with tuning.lora.init_from={name!r} (what posttrain device train does)"
+            )
         base = load_model(_base_cfg(cfg, adapter_base(name)), tuning_mode, qlora)
         try:
             model = PeftModel.from_pretrained(base, name)
@@ -125,10 +131,19 @@ def load_model(cfg: ModelConfig, tuning_mode: str = "full", qlora=None):
         kwargs["quantization_config"] = quantization_config(qlora or QloraConfig())
         # Quantised weights are placed at load time: on this process's GPU.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if cfg.quantize != "none":
+        from posttrain.models.quantized import check_quantized_base
+
+        check_quantized_base(cfg.quantize)
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise PosttrainError(f"cannot load model.name_or_path={name!r} ({_where(name)}): {exc}") from None
+    if cfg.quantize != "none":
+        from posttrain.models.quantized import quantize_base
+
+        quantize_base(model, cfg.quantize)
+    return model
 
 
 def _base_cfg(cfg: ModelConfig, base: str) -> ModelConfig:

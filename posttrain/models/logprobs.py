@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
 from posttrain.losses.nll import IGNORE_INDEX
 
@@ -83,3 +86,93 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     """
     logps = per_token_logps(logits, labels)
     return logps.sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
+
+
+# Architectures whose logits are exactly lm_head(last hidden state): no soft-capping (Gemma 2/3), logit scale
+# (Cohere) or divisor (Granite) after the head. Others take the full-logits path.
+PLAIN_HEAD_TYPES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "olmo", "olmo2", "olmoe", "phi3",
+    "smollm3", "ministral",
+})
+# Elements of one chunk's float32 logits (256 MiB) in the chunked head; at least 64 rows per chunk.
+_HEAD_CHUNK_ELEMENTS = 2**26
+
+
+def _plain_head(model):
+    """(the causal LM, its head) when the logits are plain ``head(hidden)`` and no virtual tokens are added."""
+    inner = getattr(model, "module", model)  # under DistributedDataParallel
+    if hasattr(inner, "get_base_model"):  # peft
+        config = inner.peft_config.get(inner.active_adapter)
+        if config is None or config.is_prompt_learning:
+            return None
+        inner = inner.get_base_model()
+    if getattr(inner.config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None
+    head = inner.get_output_embeddings()
+    return (inner, head) if head is not None else None
+
+
+@contextlib.contextmanager
+def _head_removed(lm, head):
+    """The model's forward returns its last hidden states as ``logits`` while inside."""
+    lm.set_output_embeddings(torch.nn.Identity())
+    try:
+        yield
+    finally:
+        lm.set_output_embeddings(head)
+
+
+def _chunk_logps(hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float) -> torch.Tensor:
+    logits = head(hidden)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def label_logps(model, inputs: dict, labels: torch.Tensor, *, chunked: bool = True,
+                temperature: float = 1.0) -> torch.Tensor:
+    """log p(labels[t+1] | tokens <= t) of a model on ``inputs``: (B, T-1) float32, 0 where not labelled.
+
+    The same values as ``per_token_logps(model(**inputs).logits / temperature, labels)``. With ``chunked``
+    (and an architecture in PLAIN_HEAD_TYPES, not a prompt-learning adapter) the forward stops before the LM head,
+    and the head runs only on the labelled positions, a chunk of rows at a time under activation checkpointing:
+    full (B, T, V) logits never exist, in the forward or the backward, and prompt and padding positions cost
+    no head FLOPs. The price is a second head forward per chunk in the backward.
+    """
+    plain = _plain_head(model) if chunked else None
+    if plain is None:
+        logits = model(**inputs, use_cache=False).logits
+        return per_token_logps(logits / temperature if temperature != 1.0 else logits, labels)
+    lm, head = plain
+    with _head_removed(lm, head):
+        hidden = model(**inputs, use_cache=False).logits
+    targets = labels[:, 1:]
+    scored = targets != IGNORE_INDEX
+    picked, wanted = hidden[:, :-1][scored], targets[scored]
+    rows = max(64, _HEAD_CHUNK_ELEMENTS // max(1, lm.config.get_text_config().vocab_size))
+    pieces = [
+        checkpoint(_chunk_logps, picked[i : i + rows], wanted[i : i + rows], head, temperature, use_reentrant=False)
+        for i in range(0, picked.size(0), rows)
+    ]
+    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    out = torch.zeros(targets.shape, dtype=flat.dtype, device=hidden.device)
+    return out.masked_scatter(scored, flat)
+
+
+def labelled_logits(model, inputs: dict, labels: torch.Tensor, *, chunked: bool = True) -> torch.Tensor:
+    """The logits (N, V) at the N labelled positions, in row-major order (position t predicts labels[t + 1]).
+
+    The same values as ``model(**inputs).logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]``. With ``chunked`` (and a
+    head ``label_logps`` can split off) the forward stops before the LM head, which then runs on those positions
+    only: (B, T, V) logits never exist and prompt and padding positions cost no head FLOPs. For losses that need
+    the whole distribution at each trained token (distillation), so the (N, V) result itself is built, unchunked.
+    """
+    scored = labels[:, 1:] != IGNORE_INDEX
+    plain = _plain_head(model) if chunked else None
+    if plain is None:
+        return model(**inputs, use_cache=False).logits[:, :-1][scored]
+    lm, head = plain
+    with _head_removed(lm, head):
+        hidden = model(**inputs, use_cache=False).logits
+    return head(hidden[:, :-1][scored])

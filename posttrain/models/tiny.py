@@ -1,4 +1,4 @@
-"""Build a tiny Llama-style causal LM and its tokenizer locally, from nothing.
+"""Build a tiny Llama-style causal LM, or a tiny Qwen3-MoE, and its tokenizer locally, from nothing.
 
 Tests and CPU smoke runs need a real Hugging Face model directory (model,
 tokenizer, chat template, generation config) without any download. The
@@ -112,18 +112,11 @@ def build_tiny_model(
     existing non-empty ``out_dir`` is an error unless ``overwrite=True``.
     """
     out_dir = Path(out_dir)
-    _check_target(out_dir, overwrite)
-    sizes = dict(layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads, max_position=max_position)
-    for name, value in sizes.items():
-        if value < 1:
-            raise PosttrainError(f"build_tiny_model: {name}={value} must be at least 1")
-    if hidden % heads:
-        raise PosttrainError(f"build_tiny_model: hidden={hidden} must be divisible by heads={heads}")
-    if heads % kv_heads:
-        raise PosttrainError(f"build_tiny_model: heads={heads} must be divisible by kv_heads={kv_heads}")
+    _check_target("build_tiny_model", out_dir, overwrite)
+    _check_sizes("build_tiny_model", layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                 max_position=max_position)
 
     tokenizer = build_tokenizer(tokenizer_corpus(), vocab_size, model_max_length=max_position, split_digits=split_digits)
-    im_end_id = tokenizer.convert_tokens_to_ids(IM_END)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -139,14 +132,89 @@ def build_tiny_model(
         pad_token_id=tokenizer.pad_token_id,
         attn_implementation="sdpa",
     )
+    return _save(LlamaForCausalLM, config, tokenizer, seed, out_dir)
+
+
+def build_tiny_moe(
+    out_dir: str | os.PathLike,
+    *,
+    experts: int = 4,
+    top_k: int = 2,
+    layers: int = 2,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    expert_intermediate: int | None = None,
+    vocab_size: int = 1024,
+    max_position: int = 1024,
+    tie_embeddings: bool = True,
+    aux_loss_coef: float = 0.001,
+    seed: int = 0,
+    overwrite: bool = False,
+    split_digits: bool = False,
+) -> Path:
+    """Save a randomly initialised mixture-of-experts ``Qwen3MoeForCausalLM`` with the tiny tokenizer into ``out_dir``.
+
+    Every layer's MLP is ``experts`` experts of which each token uses ``top_k`` (softmax top-k
+    routing, top-k weights renormalised as in the Qwen3 MoE releases). ``expert_intermediate``
+    defaults to ``4 * hidden // top_k``, so a token's active MLP width matches the dense tiny model.
+    ``aux_loss_coef`` is the config's ``router_aux_loss_coef``. Same tokenizer, chat template and
+    generation config as ``build_tiny_model``; the same arguments give the same weights.
+    """
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    out_dir = Path(out_dir)
+    _check_target("build_tiny_moe", out_dir, overwrite)
+    width = 4 * hidden // max(top_k, 1) if expert_intermediate is None else expert_intermediate
+    _check_sizes("build_tiny_moe", layers=layers, hidden=hidden, heads=heads, kv_heads=kv_heads,
+                 max_position=max_position, experts=experts, top_k=top_k, expert_intermediate=width)
+    if top_k > experts:
+        raise PosttrainError(f"build_tiny_moe: top_k={top_k} must be at most experts={experts}")
+    tokenizer = build_tokenizer(tokenizer_corpus(), vocab_size, model_max_length=max_position,
+                                split_digits=split_digits)
+    config = Qwen3MoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,  # dense MLP width, used by no layer here (every layer is sparse)
+        moe_intermediate_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        num_experts=experts,
+        num_experts_per_tok=top_k,
+        norm_topk_prob=True,
+        router_aux_loss_coef=aux_loss_coef,
+        max_position_embeddings=max_position,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        attn_implementation="sdpa",
+    )
+    return _save(Qwen3MoeForCausalLM, config, tokenizer, seed, out_dir)
+
+
+def _check_sizes(who: str, *, hidden: int, heads: int, kv_heads: int, **sizes: int) -> None:
+    for name, value in dict(sizes, hidden=hidden, heads=heads, kv_heads=kv_heads).items():
+        if value < 1:
+            raise PosttrainError(f"{who}: {name}={value} must be at least 1")
+    if hidden % heads:
+        raise PosttrainError(f"{who}: hidden={hidden} must be divisible by heads={heads}")
+    if heads % kv_heads:
+        raise PosttrainError(f"{who}: heads={heads} must be divisible by kv_heads={kv_heads}")
+
+
+def _save(model_class, config, tokenizer, seed: int, out_dir: Path) -> Path:
+    """``model_class(config)`` initialised from ``seed``, with the chat generation config, saved with the tokenizer."""
     # A private RNG stream: the caller's global torch RNG state is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.eos_token_id,
         # A chat turn ends at <|im_end|>, plain text at <|endoftext|>.
-        eos_token_id=[im_end_id, tokenizer.eos_token_id],
+        eos_token_id=[tokenizer.convert_tokens_to_ids(IM_END), tokenizer.eos_token_id],
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -156,10 +224,8 @@ def build_tiny_model(
     return out_dir
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
+def _check_target(who: str, out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
-        raise PosttrainError(f"build_tiny_model: {out_dir} exists and is not a directory")
+        raise PosttrainError(f"{who}: {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise PosttrainError(
-            f"build_tiny_model: {out_dir} is not empty; choose another directory or pass overwrite=True"
-        )
+        raise PosttrainError(f"{who}: {out_dir} is not empty; choose another directory or pass overwrite=True")

@@ -25,8 +25,10 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.data.collate import epoch_plan, split_global_batch
+from posttrain.data.mixing import make_sampler
 from posttrain.errors import MissingExtraError, PosttrainError
 from posttrain.io import atomic_dir, atomic_write_text
+from posttrain.losses.l2sp import l2_to_start
 from posttrain.models.checkpoint import load_weights, save_model
 from posttrain.trainers.flops import FlopCounter, peak_bf16_flops
 
@@ -108,6 +110,18 @@ class _MetricSums:
         return out
 
 
+def gather_lists(items: list, world: int) -> list:
+    """Every process's ``items`` (picklable), concatenated in process order; the list itself with one process.
+
+    A collective: every process must call it, each with its own list (possibly empty).
+    """
+    if world == 1:
+        return items
+    from accelerate.utils import gather_object
+
+    return [x for part in gather_object([items]) for x in part]
+
+
 class NonFiniteLoss(PosttrainError):
     pass
 
@@ -177,10 +191,16 @@ class Trainer:
         self.world = accelerator.num_processes
         self.global_batch = self.tcfg.batch_size * self.tcfg.gradient_accumulation_steps * self.world
         self.lengths = train_set.row_lengths()
-        self.steps_per_epoch = len(train_set) // self.global_batch
+        # data.mixing / data.replay choose each epoch's rows by task; without them every row comes once.
+        self.sampler = None
+        if cfg.data.mixing is not None or cfg.data.replay is not None:
+            self.sampler = make_sampler(cfg.data, train_set.row_tasks(), train_set.task_names, self.tcfg.seed)
+            log(f"data mixing: {self.sampler.describe()}")
+        rows = self.sampler.rows_per_epoch if self.sampler is not None else len(train_set)
+        self.steps_per_epoch = rows // self.global_batch
         if self.steps_per_epoch == 0:
             raise PosttrainError(
-                f"the training set has {len(train_set)} rows, fewer than one global batch of {self.global_batch} "
+                f"the training set has {rows} rows, fewer than one global batch of {self.global_batch} "
                 f"(training.batch_size x gradient_accumulation_steps x processes); lower the batch size or add data"
             )
         self.total_steps = self.tcfg.max_steps or math.ceil(self.tcfg.epochs * self.steps_per_epoch)
@@ -206,6 +226,8 @@ class Trainer:
         self.flops = FlopCounter(model) if self.peak_flops else None
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        # training.l2_to_start's anchor: taken here, before a resume loads later weights.
+        self.start_values = [p.detach().clone() for p in self.trainable] if self.tcfg.l2_to_start > 0 else None
         self.writers = _Writers(self.out, self.tcfg.report_to, accelerator.is_main_process, cfg)
 
     # ---- the loop -----------------------------------------------------------------
@@ -225,8 +247,7 @@ class Trainer:
         try:
             while self.state.step < self.total_steps:
                 epoch, index = divmod(self.state.step, self.steps_per_epoch)
-                plan = epoch_plan(self.lengths, self.global_batch, epoch, self.tcfg.seed, self.tcfg.group_by_length)
-                record = self._train_step(plan[index])
+                record = self._train_step(self._epoch_plan(epoch)[index])
                 self.state.step += 1
                 step = self.state.step
                 if bar is not None:
@@ -259,6 +280,11 @@ class Trainer:
                 bar.close()
             self.writers.close()
         return {"status": status, "steps": self.state.step}
+
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        if self.sampler is not None:
+            return self.sampler.plan(self.lengths, self.global_batch, epoch, self.tcfg.group_by_length)
+        return epoch_plan(self.lengths, self.global_batch, epoch, self.tcfg.seed, self.tcfg.group_by_length)
 
     def _micro_batches(self, global_batch: list[int]) -> list[dict[str, torch.Tensor]]:
         parts = split_global_batch(
@@ -307,6 +333,8 @@ class Trainer:
 
     def _apply_update(self, step_loss: float, step_metrics: dict, global_tokens: float, started: float) -> dict:
         """Clip, check and apply the accumulated gradients as one optimizer step; add it to the logging window."""
+        if self.start_values is not None:
+            step_metrics = {**step_metrics, **self._pull_to_start()}
         grad_norm = self._grad_norm()
         if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
@@ -334,6 +362,28 @@ class Trainer:
             total, n = w.get(k, (0.0, 0))
             w[k] = (total + v, n + 1)
         return {}
+
+    def _pull_to_start(self) -> dict:
+        """Add the gradient of training.l2_to_start's penalty to the accumulated gradients; log its value.
+
+        The gradients hold d(loss)/d(theta) of the global batch's mean loss, already averaged over processes,
+        so adding the penalty's own gradient here, once per optimizer update and identically on every
+        process, minimises loss + penalty whatever the accumulation or the number of processes.
+        """
+        live = [p.detach().requires_grad_(True) for p in self.trainable]
+        with torch.enable_grad():
+            penalty = l2_to_start(live, self.start_values, self.tcfg.l2_to_start)
+            grads = torch.autograd.grad(penalty, live)
+        # fp16 gradients stay multiplied by the loss scale until clipping unscales them.
+        scale = self.acc.scaler.get_scale() if self.acc.scaler is not None else 1.0
+        for p, g in zip(self.trainable, grads):
+            g = (g * scale).to(p.dtype)
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad.add_(g)
+        value = float(penalty.detach())
+        return {"l2_penalty": value, "l2_distance": math.sqrt(2.0 * value / self.tcfg.l2_to_start)}
 
     def _tokens(self, batch: dict[str, torch.Tensor]) -> int:
         tokens = getattr(self.method, "tokens", None)

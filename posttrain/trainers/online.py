@@ -26,14 +26,14 @@ from posttrain.config import RunConfig
 from posttrain.data.collate import collate
 from posttrain.data.templates import IGNORE_INDEX
 from posttrain.errors import PosttrainError
-from posttrain.generation.base import SamplingParams
+from posttrain.generation import sampling_params
 from posttrain.io import atomic_write_text
 from posttrain.losses.dpo import dpo_loss
 from posttrain.losses.policy import aggregate, clipped_surrogate, entropy_from_logits, token_kl
 from posttrain.models.logprobs import per_token_logps
 from posttrain.rl.advantages import group_advantages
 from posttrain.rl.rewards.base import RewardInput
-from posttrain.trainers.loop import Trainer, _MetricSums
+from posttrain.trainers.loop import Trainer, _MetricSums, gather_lists
 from posttrain.trainers.reference import Reference, forward_inputs, unwrap
 
 
@@ -77,9 +77,7 @@ class OnlineTrainer(Trainer):
         return [self.train_set.row(r) for part in parts for r in part]
 
     def _sample(self, prompts: list[dict], n: int, greedy: bool = False) -> list[list]:
-        gen = self.ocfg.generation
-        params = SamplingParams(max_new_tokens=gen.max_new_tokens, temperature=0.0 if greedy else gen.temperature,
-                                top_p=1.0 if greedy else gen.top_p, n=n)
+        params = sampling_params(self.ocfg.generation, greedy=greedy, n=n)
         self.engine.sync_weights(unwrap(self.model))
         return self.engine.generate([p["prompt_ids"] for p in prompts], params)
 
@@ -364,7 +362,7 @@ class RftTrainer(OnlineTrainer):
         super().__init__(cfg, accelerator, model, tokenizer, prompts, eval_prompts, **kw)
         from posttrain.trainers.supervised import SupervisedMethod
 
-        self.sft = SupervisedMethod(tokenizer.pad_token_id)
+        self.sft = SupervisedMethod(tokenizer.pad_token_id, chunked=cfg.training.chunked_head)
         self.round = -1
         self.kept = None
 
@@ -418,11 +416,7 @@ class RftTrainer(OnlineTrainer):
                                    "reward": t, "source": p.get("source")})
         valid = [t for t in totals if t is not None]
         stats_local = [float(len(kept_local)), float(len(totals)), float(sum(valid)), float(len(valid))]
-        kept = kept_local
-        if self.world > 1:
-            from accelerate.utils import gather_object
-
-            kept = [x for part in gather_object([kept_local]) for x in part]
+        kept = gather_lists(kept_local, self.world)
         n_kept, n_total, reward_sum, n_valid = self._global_sum(stats_local)
         if not kept:
             raise PosttrainError(

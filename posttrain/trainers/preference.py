@@ -20,10 +20,11 @@ from posttrain.config import RunConfig
 from posttrain.data.collate import collate, n_targets
 from posttrain.losses.dpo import dpo_loss
 from posttrain.losses.kto import kto_kl, kto_loss
+from posttrain.losses.nll import IGNORE_INDEX
 from posttrain.losses.orpo import orpo_loss
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.simpo import simpo_loss
-from posttrain.models.logprobs import sequence_logps
+from posttrain.models.logprobs import label_logps
 from posttrain.trainers.reference import Reference, forward_inputs
 
 # (inputs, labels) -> reference log-probs of each sequence
@@ -87,6 +88,7 @@ class PairMethod:
         self.name = cfg.method
         self.pad_id = pad_id
         self.reference = reference
+        self.chunked = cfg.training.chunked_head
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate([[r["chosen"]] for r in rows] + [[r["rejected"]] for r in rows], self.pad_id)
@@ -109,8 +111,8 @@ class PairMethod:
     def loss(self, model, batch: dict[str, torch.Tensor]):
         if self.name == "reward":
             return self._reward_loss(model, batch)
-        logits = model(**forward_inputs(batch), use_cache=False).logits
-        logps, n = sequence_logps(logits, batch["labels"])
+        logps = label_logps(model, forward_inputs(batch), batch["labels"], chunked=self.chunked).sum(-1)
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
         pc, pr = logps.chunk(2)
         nc, nr = n.chunk(2)
         ref = None
@@ -145,6 +147,7 @@ class FeedbackMethod:
         self.cfg = cfg
         self.pad_id = pad_id
         self.reference = reference
+        self.chunked = cfg.training.chunked_head
 
     def collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         batch = collate([[r["seq"]] for r in rows], self.pad_id)
@@ -185,7 +188,7 @@ class FeedbackMethod:
         diff = count = 0.0
         for batch in batches:
             on = {k: v.to(device) for k, v in batch.items()}
-            logps = sequence_logps(policy(**forward_inputs(on, "kl_"), use_cache=False).logits, on["kl_labels"])[0]
+            logps = label_logps(policy, forward_inputs(on, "kl_"), on["kl_labels"], chunked=self.chunked).sum(-1)
             diff += float((logps.float() - self._ref(model, on, 1)).sum())
             count += logps.shape[0]
         total, n = global_sum([diff, count])
@@ -195,8 +198,7 @@ class FeedbackMethod:
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
         k = self.cfg.preference.kto
-        logits = model(**forward_inputs(batch), use_cache=False).logits
-        logps, _ = sequence_logps(logits, batch["labels"])
+        logps = label_logps(model, forward_inputs(batch), batch["labels"], chunked=self.chunked).sum(-1)
         ref = self._ref(model, batch, 0)
         good = batch["desirable"]
         z0 = batch["kl"][0]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from posttrain.io import atomic_write_bytes
-from posttrain.models.logprobs import per_token_logps, sequence_logps
+from posttrain.models.logprobs import label_logps
 from posttrain.tuning import adapters_disabled
 
 
@@ -44,11 +44,12 @@ def unwrap(model):
 class Reference:
     """Scores sequences with the reference policy: a frozen model, or the policy with adapters off."""
 
-    def __init__(self, mode: str, model=None):
+    def __init__(self, mode: str, model=None, chunked: bool = True):
         if mode not in ("live", "adapters_off"):
             raise ValueError(f"a Reference scores live; mode {mode!r} is handled by precomputing")
         self.mode = mode
         self.model = model
+        self.chunked = chunked
 
     @torch.no_grad()
     def token_logps(self, policy, inputs: dict, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -59,22 +60,21 @@ class Reference:
         model.eval()  # the reference is the model without dropout
         try:
             with ctx:
-                logits = model(**inputs, use_cache=False).logits
+                return label_logps(model, inputs, labels, chunked=self.chunked, temperature=temperature)
         finally:
             model.train(was_training)
-        return per_token_logps(logits / temperature if temperature != 1.0 else logits, labels)
 
     def logps(self, policy, inputs: dict, labels: torch.Tensor) -> torch.Tensor:
         """(B,) reference log-probs of each sequence's labelled tokens."""
         return self.token_logps(policy, inputs, labels).sum(-1)
 
 
-def scorer(model):
+def scorer(model, chunked: bool = True):
     """A reference-logps function for precomputing: ``model`` as it is now, frozen."""
 
     @torch.no_grad()
     def score(inputs: dict, labels: torch.Tensor) -> torch.Tensor:
-        return sequence_logps(model(**inputs, use_cache=False).logits, labels)[0]
+        return label_logps(model, inputs, labels, chunked=chunked).sum(-1)
 
     return score
 
@@ -149,7 +149,8 @@ def attach_precomputed(
     import transformers
 
     config = model.config.to_json_string() if hasattr(model, "config") else ""
-    parts = [weights_fingerprint(model), settings, config, torch.__version__, transformers.__version__,
+    chunked = getattr(method, "chunked", True)
+    parts = [weights_fingerprint(model), settings, f"chunked_head={chunked}", config, torch.__version__, transformers.__version__,
              REFERENCE_VERSION]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
     path = cache / f"reference-{key}.npz"
@@ -162,7 +163,7 @@ def attach_precomputed(
             log(f"reference log-probs loaded from cache {path}")
             return
     model.to(device)
-    score = scorer(model)
+    score = scorer(model, chunked)
     was_training = model.training
     model.eval()
     arrays = {}

@@ -60,6 +60,8 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     from posttrain.models.heads import load_reward_model
     from posttrain.data.templates import ChatEncoder, resolve_chat_template
     from posttrain.models.load import load_model, load_tokenizer
+    from posttrain.trainers.distill import check_shared_tokenizer, prompt_room, teacher_dataset
+    from posttrain.trainers.distill import make_trainer as make_distill_trainer
     from posttrain.trainers.loop import Trainer
     from posttrain.tuning import apply_tuning, count_parameters
 
@@ -69,6 +71,9 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         from posttrain.tuning.qlora import require_qlora_support
 
         require_qlora_support()
+    from posttrain.trainers.moe import check_moe_config, setup_moe
+
+    check_moe_config(cfg)  # moe options on a model that cannot take them: refused before any data work
     kept = cfg.starts_from_kept_adapter()
     if kept:  # refused before any data work, not after
         from posttrain.tuning.kept import check_continuation
@@ -83,21 +88,28 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     # accelerate forms a gloo process group for CPU launches (torchrun, accelerate launch) only when told cpu=True.
     acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available())
     say = log if acc.is_main_process else (lambda *a, **k: None)
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.method != "pretrain":
+        resolve_chat_template(tokenizer, cfg.model.chat_template)
+    if cfg.method == "distill":  # refused before --overwrite deletes the previous run, and before any data work
+        check_shared_tokenizer(cfg, tokenizer, say)
     out = Path(cfg.output_dir)
     if acc.is_main_process:
         _prepare_output_dir(out, resume, overwrite)
     acc.wait_for_everyone()
     set_seed(cfg.training.seed)
 
-    tokenizer = load_tokenizer(cfg.model)
-    if cfg.method != "pretrain":
-        resolve_chat_template(tokenizer, cfg.model.chat_template)
     with acc.main_process_first():
         train_set, eval_set, report, fingerprint = build_datasets(
             cfg.data, tokenizer, cfg.method, cfg.training.seed, log=say,
-            max_new_tokens=cfg.online.generation.max_new_tokens if cfg.method in ONLINE_METHODS else 0,
+            max_new_tokens=cfg.online.generation.max_new_tokens if cfg.method in ONLINE_METHODS else prompt_room(cfg),
         )
     say(report.format())
+    if cfg.method == "distill" and cfg.distill.mode == "sequence":
+        # The student trains on the teacher's answers to these prompts: those become the stage's data.
+        train_set, eval_set, report, fingerprint = teacher_dataset(cfg, acc, tokenizer, train_set, eval_set,
+                                                                   fingerprint, out, resume, say)
+        say(report.format())
     say(f"training rows: {len(train_set)} ({train_set.n_tokens} tokens)"
         + (f", eval rows: {len(eval_set)}" if eval_set is not None else ""))
 
@@ -111,13 +123,21 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if cfg.method in ONLINE_METHODS:
         method = None
     else:
-        method = _method(cfg, acc, model, tokenizer, {"train": train_set, "eval": eval_set}, fingerprint, say)
+        sets = {"train": train_set, "eval": eval_set}
+        method = _method(cfg, acc, model, tokenizer, sets, fingerprint, say)
+        train_set, eval_set = sets["train"], sets["eval"]  # distillation's top-k cache rides on the rows
     model = apply_tuning(model, cfg.tuning, "SEQ_CLS" if cfg.method == "reward" else "CAUSAL_LM")
-    if cfg.method not in SUPERVISED and cfg.preference.disable_dropout:
+    method = setup_moe(cfg, model, method, tokenizer.pad_token_id, say)
+    option = "distill.disable_dropout" if cfg.method == "distill" else "preference.disable_dropout"
+    if cfg.method == "distill":  # sequence-level distillation trains exactly as SFT does
+        dropout_off = cfg.distill.disable_dropout and cfg.distill.mode != "sequence"
+    else:
+        dropout_off = cfg.method not in SUPERVISED and cfg.preference.disable_dropout
+    if dropout_off:
         from posttrain.models.load import disable_dropout
 
         if disable_dropout(model):
-            say("dropout turned off in the policy (preference.disable_dropout)")
+            say(f"dropout turned off in the policy ({option})")
     trainable, total = count_parameters(model)
     say(f"tuning mode {cfg.tuning.mode}: trainable params {trainable:,} of {total:,} ({100 * trainable / total:.4f}%)")
 
@@ -134,18 +154,24 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
 
     if cfg.method in ONLINE_METHODS:
         trainer = _online_trainer(cfg, acc, model, tokenizer, train_set, eval_set, say)
+    elif cfg.method == "distill":
+        trainer = make_distill_trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, say)
     else:
         trainer = Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=say)
     if cfg.eval is not None and cfg.eval.every_steps:
         from posttrain.eval.runner import step_hook
 
         trainer.step_hooks.append(step_hook(cfg.eval, acc, lambda: trainer.model, tokenizer, cfg.data.max_seq_len))
+    from posttrain.ondevice.memory import MemoryBudget, memory_report
+
+    if cfg.memory.budget_mb is not None:
+        trainer.step_hooks.append(MemoryBudget(cfg.memory, say))
     try:
         result = trainer.fit(resume=resume)
     except BaseException as exc:
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         info.update(status=status, error=str(exc) or type(exc).__name__, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    resume_with="posttrain train <config> --resume")
+                    resume_with="posttrain train <config> --resume", **memory_report(cfg.memory))
         if acc.is_main_process:
             _write_run_json(out, info)
         raise
@@ -165,7 +191,7 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
                 unwrapped.get_base_model().generation_config.save_pretrained(str(tmp))
         info.update(result, ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"), tokens=trainer.state.tokens,
                     best_eval_loss=trainer.state.best_eval, best_step=trainer.state.best_step,
-                    skipped_steps=trainer.state.skipped_steps, final=str(final))
+                    skipped_steps=trainer.state.skipped_steps, final=str(final), **memory_report(cfg.memory))
         _write_run_json(out, info)
         if cfg.eval is not None:
             _evaluate_final(cfg, unwrapped, tokenizer, out, eval_before, trainer.state.step, say)
@@ -221,8 +247,13 @@ def _method(cfg: RunConfig, acc, model, tokenizer, sets: dict, data_fingerprint:
     from posttrain.trainers.preference import make_method
     from posttrain.trainers.reference import attach_precomputed
 
-    if cfg.method in SUPERVISED:
-        return SupervisedMethod(tokenizer.pad_token_id)
+    # Sequence-level distillation is plain SFT on the teacher's answers.
+    if cfg.method in SUPERVISED or (cfg.method == "distill" and cfg.distill.mode == "sequence"):
+        return SupervisedMethod(tokenizer.pad_token_id, sets["train"].task_names, chunked=cfg.training.chunked_head)
+    if cfg.method == "distill":
+        from posttrain.trainers.distill import make_method as make_distill_method
+
+        return make_distill_method(cfg, acc, model, tokenizer, sets, cache_folder(cfg.data, data_fingerprint), say)
     method = make_method(cfg, tokenizer.pad_token_id, _reference(cfg, acc))
     if cfg.reference_mode() == "precomputed":
         settings = f"{cfg.training.mixed_precision}|{cfg.model.attn_implementation}|{acc.device.type}"
@@ -247,20 +278,19 @@ def _reference(cfg: RunConfig, acc):
         ref = load_model(_model_config(cfg), cfg.tuning.mode, qlora=cfg.tuning.qlora)
         if cfg.tuning.mode != "qlora":  # a quantised model is placed on its GPU when loaded
             ref = ref.to(acc.device)
-        return Reference("live", ref.eval().requires_grad_(False))
-    return Reference("adapters_off") if mode == "adapters_off" else None
+        return Reference("live", ref.eval().requires_grad_(False), chunked=cfg.training.chunked_head)
+    return Reference("adapters_off", chunked=cfg.training.chunked_head) if mode == "adapters_off" else None
 
 
 def _online_trainer(cfg: RunConfig, acc, model, tokenizer, prompts, eval_prompts, say):
     """The rollout -> reward -> update trainer, with its generation engine, rewards and reference."""
-    from posttrain.generation import make_engine, stop_token_ids
+    from posttrain.generation import make_engine, resolve_engine, stop_token_ids
     from posttrain.rl.rewards import build_rewards, pairwise_judge
     from posttrain.trainers.online import OnlineTrainer, PpoTrainer, RftTrainer
 
     stop_ids = stop_token_ids(tokenizer)
     gen = cfg.online.generation
-    # vLLM samples from merged weights under the base's names: other modes sample through transformers.
-    kind = gen.engine if gen.engine != "auto" or cfg.tuning.mode in VLLM_MODES else "transformers"
+    kind = resolve_engine(gen.engine, vllm_can_load=cfg.tuning.mode in VLLM_MODES)
     engine = make_engine(kind, model, tokenizer, stop_token_ids=stop_ids, model_path=cfg.model.name_or_path,
                          batch_size=gen.batch_size)
     rewards = build_rewards(cfg.online.rewards) if cfg.online.rewards else None

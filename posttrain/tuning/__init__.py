@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain.config import PROMPT_MODES, TuningConfig
+from posttrain.config import LORA_MODES, PROMPT_MODES, TuningConfig
 from posttrain.errors import ConfigError
 from posttrain.tuning.bitfit import apply_bitfit
 from posttrain.tuning.bottleneck import apply_bottleneck, continue_bottleneck, find_adapters
@@ -41,7 +41,12 @@ def apply_tuning(model, cfg: TuningConfig, task_type: str = "CAUSAL_LM"):
         check_continuation(cfg.mode, kept)
         return continue_bottleneck(model) if kept == "bottleneck" else continue_prompt(model)
     if cfg.mode in ADAPTER_TRANSFORMS:
-        return ADAPTER_TRANSFORMS[cfg.mode](model, cfg, task_type)
+        model = ADAPTER_TRANSFORMS[cfg.mode](model, cfg, task_type)
+        if cfg.mode in LORA_MODES and cfg.lora.init_from:
+            from posttrain.tuning.weights import init_lora_from
+
+            init_lora_from(model, cfg.lora.init_from, cfg.lora)
+        return model
     model = TRANSFORMS[cfg.mode](model, cfg)
     if task_type == "SEQ_CLS":
         from posttrain.models.heads import train_head

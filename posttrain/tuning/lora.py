@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from posttrain.config import TuningConfig
+from posttrain.errors import ConfigError
 
 
 def embedding_module_names(model) -> list[str]:
@@ -48,4 +49,16 @@ def apply_lora(model, cfg: TuningConfig, task_type: str = "CAUSAL_LM"):
     """
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(model, cfg, task_type))
+    try:
+        return get_peft_model(model, lora_config(model, cfg, task_type))
+    except ValueError as exc:
+        # peft targets the fused experts and the router of transformers-v5 MoE models as parameters, which
+        # take no dropout; which names it maps there depends on the architecture, so its refusal is translated.
+        if "lora_dropout" not in str(exc):
+            raise
+        raise ConfigError(
+            f"tuning.lora.dropout={cfg.lora.dropout:g}: LoRA on this model's {cfg.lora.target_modules} includes "
+            f"weights held as parameters (an MoE's fused experts or router) and peft cannot apply dropout to them "
+            f"({exc}); set tuning.lora.dropout=0, or target attention only "
+            f"(tuning.lora.target_modules=[q_proj, k_proj, v_proj, o_proj])"
+        ) from None

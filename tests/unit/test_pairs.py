@@ -42,11 +42,11 @@ def test_kto_reference_point_is_the_mean_over_all_micro_batches(monkeypatch):
     fs = _feedback_set()
     fs.ref = np.array([[0.0, -1.0], [0.0, -2.0], [0.0, -4.0]], dtype=np.float32)
     method = pref.FeedbackMethod.__new__(pref.FeedbackMethod)
-    method.cfg, method.pad_id, method.reference = None, 3, None
+    method.cfg, method.pad_id, method.reference, method.chunked = None, 3, None, True
     batches = [method.collate([fs.row(0), fs.row(1)]), method.collate([fs.row(2)])]
     policy_kl = {0: -0.5, 1: -1.0, 2: -1.5}  # log pi of each example's mismatched pair
     calls = iter([torch.tensor([policy_kl[0], policy_kl[1]]), torch.tensor([policy_kl[2]])])
-    monkeypatch.setattr(pref, "sequence_logps", lambda logits, labels: (next(calls), None))
+    monkeypatch.setattr(pref, "label_logps", lambda model, inputs, labels, chunked: next(calls)[:, None])
     monkeypatch.setattr("posttrain.trainers.reference.unwrap", lambda m: m)
 
     class Policy(torch.nn.Module):

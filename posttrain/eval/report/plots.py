@@ -12,7 +12,7 @@ from posttrain.errors import PosttrainError
 # A key goes into the first panel that takes it.
 CURVE_GROUPS = (
     ("accuracy", lambda k: "accuracy" in k or "exact_match" in k),
-    ("loss", lambda k: k == "loss"),
+    ("loss", lambda k: k == "loss" or k.startswith("loss/")),  # loss/<task>: per-task curves beside the total
     ("reward", lambda k: k in ("reward", "rewards/margin") or k.startswith("reward/")),
     ("KL", lambda k: k == "kl" or k.startswith("kl/")),
     ("entropy", lambda k: k == "entropy"),
