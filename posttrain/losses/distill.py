@@ -167,5 +167,5 @@ def mixed_token_losses(nll: torch.Tensor, divergence: torch.Tensor, hard_weight:
     return hard_weight * nll + (1 - hard_weight) * divergence
 
 
-__all__ = ["KINDS", "divergence", "distill_token_losses", "distill_token_losses_topk", "mixed_token_losses",
+__all__ = ["KINDS", "distill_token_losses", "distill_token_losses_topk", "divergence", "mixed_token_losses",
            "teacher_topk"]

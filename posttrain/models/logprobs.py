@@ -14,6 +14,11 @@ from posttrain.losses.nll import IGNORE_INDEX
 _CHUNK_ELEMENTS = 2**24
 
 
+def logit_chunk_rows(vocab: int) -> int:
+    """Rows of full logits that ``_TargetLogps`` upcasts at a time (also what the planner counts)."""
+    return max(1, _CHUNK_ELEMENTS // max(1, vocab))
+
+
 class _TargetLogps(torch.autograd.Function):
     """log softmax(logits[n])[targets[n]] for (N, V) logits and (N,) targets, at float32 or wider.
 
@@ -26,7 +31,7 @@ class _TargetLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(logits.dtype, torch.float32)
-        rows = max(1, _CHUNK_ELEMENTS // logits.size(-1))
+        rows = logit_chunk_rows(logits.size(-1))
         log_norm = torch.empty(logits.size(0), dtype=dtype, device=logits.device)
         for start in range(0, logits.size(0), rows):
             log_norm[start : start + rows] = torch.logsumexp(logits[start : start + rows].to(dtype), dim=-1)
@@ -40,7 +45,7 @@ class _TargetLogps(torch.autograd.Function):
         logits, targets, log_norm = ctx.saved_tensors
         # d log p_target / d logit_j = 1[j == target] - softmax_j
         grad_logits = torch.empty_like(logits)
-        rows = max(1, _CHUNK_ELEMENTS // logits.size(-1))
+        rows = logit_chunk_rows(logits.size(-1))
         for start in range(0, logits.size(0), rows):
             end = start + rows
             g = grad_out[start:end].unsqueeze(-1)
@@ -98,6 +103,11 @@ PLAIN_HEAD_TYPES = frozenset({
 _HEAD_CHUNK_ELEMENTS = 2**26
 
 
+def head_chunk_rows(vocab: int) -> int:
+    """Scored rows per chunk of the chunked LM head (also what the planner counts)."""
+    return max(64, _HEAD_CHUNK_ELEMENTS // max(1, vocab))
+
+
 def _plain_head(model):
     """(the causal LM, its head) when the logits are plain ``head(hidden)`` and no virtual tokens are added."""
     inner = getattr(model, "module", model)  # under DistributedDataParallel
@@ -150,7 +160,7 @@ def label_logps(model, inputs: dict, labels: torch.Tensor, *, chunked: bool = Tr
     targets = labels[:, 1:]
     scored = targets != IGNORE_INDEX
     picked, wanted = hidden[:, :-1][scored], targets[scored]
-    rows = max(64, _HEAD_CHUNK_ELEMENTS // max(1, lm.config.get_text_config().vocab_size))
+    rows = head_chunk_rows(lm.config.get_text_config().vocab_size)
     pieces = [
         checkpoint(_chunk_logps, picked[i : i + rows], wanted[i : i + rows], head, temperature, use_reentrant=False)
         for i in range(0, picked.size(0), rows)

@@ -41,6 +41,7 @@ class Settings:
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     device: Literal["cuda", "cpu"] = "cuda"
     chunked_head: bool = True  # training.chunked_head
+    gpus: int = 1  # data-parallel (DDP) processes: above one, DDP's gradient buckets are added
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class Estimate:
     total_checkpointed: int
     trainable: int
     unavailable: str | None = None
+    ddp_buckets: int = 0  # DDP's flat gradient buckets (--gpus above 1), part of both totals
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +89,9 @@ def _sizes(mode: str, s: Settings) -> _Sizes:
     base = _base_dtype_bytes(mode, s)
     autocast = s.mixed_precision != "no" and s.device == "cuda"
     act = 2 if (autocast or base == 2 or mode == "qlora" and s.device == "cuda") else 4
-    residual = 2 if (base == 2 or mode == "qlora" and s.device == "cuda") else 4
+    # QLoRA's base loads in 16 bits, but prepare_model_for_kbit_training casts the embeddings and norms to fp32,
+    # so the residual stream (embedding output + block outputs) and the final norm's output are fp32.
+    residual = 2 if base == 2 else 4
     return _Sizes(weight=base, act=act, stream=4, residual=residual, mask=1 if s.device == "cuda" else 4,
                   linear_input=2 if autocast else 4, autocast=autocast)
 
@@ -109,6 +113,12 @@ def weight_bytes(arch: Architecture, ms: ModeShape, s: Settings) -> int:
 def gradient_bytes(ms: ModeShape) -> int:
     """One fp32 gradient per trained parameter (whatever trains is fp32 in posttrain's loop)."""
     return 4 * ms.trainable
+
+
+def ddp_bucket_bytes(ms: ModeShape, s: Settings) -> int:
+    """With ``gpus > 1`` accelerate wraps the model in DDP (``gradient_as_bucket_view`` off by default): the reducer
+    keeps flat buckets of every trained parameter's gradient, allocated once and alive all run, beside ``.grad``."""
+    return 4 * ms.trainable if s.gpus > 1 else 0
 
 
 def optimizer_bytes(ms: ModeShape) -> int:
@@ -235,10 +245,10 @@ def logits_bytes(arch: Architecture, ms: ModeShape, s: Settings) -> int:
     """
     logit = _sizes(ms.mode, s).act  # the head's output dtype: 16-bit under autocast or a 16-bit base
     if uses_chunked_head(arch, ms, s):
-        rows = min(s.batch_size * (s.seq_len - 1), max(64, loss_path._HEAD_CHUNK_ELEMENTS // arch.vocab))
+        rows = min(s.batch_size * (s.seq_len - 1), loss_path.head_chunk_rows(arch.vocab))
         return (16 + (logit if logit < 4 else 0)) * rows * arch.vocab
     positions = s.batch_size * s.seq_len
-    chunk = min(positions, max(1, loss_path._CHUNK_ELEMENTS // arch.vocab))
+    chunk = min(positions, loss_path.logit_chunk_rows(arch.vocab))
     return 2 * logit * positions * arch.vocab + 2 * 4 * chunk * arch.vocab
 
 
@@ -260,7 +270,7 @@ def autocast_copy_bytes(arch: Architecture, ms: ModeShape, s: Settings) -> int:
 def estimate(arch: Architecture, ms: ModeShape, s: Settings) -> Estimate:
     """Every term and the step's peak for one mode, with and without gradient checkpointing.
 
-    The peak is weights + optimizer states + the largest of: activations with the loss's tensors (and the
+    The peak is weights + optimizer states (+ DDP's gradient buckets) + the largest of: activations with the loss's tensors (and the
     16-bit weight copies), gradients with AdamW's scratch. With checkpointing the loss's tensors are freed
     before the first block is recomputed, so stored inputs meet either the loss's tensors or one
     recomputed block, and the last recomputed block meets (almost) all gradients.
@@ -271,13 +281,14 @@ def estimate(arch: Architecture, ms: ModeShape, s: Settings) -> Estimate:
     acts = activation_bytes(arch, ms, s)
     logits = logits_bytes(arch, ms, s)
     copies, scratch = autocast_copy_bytes(arch, ms, s), optimizer_scratch_bytes(ms, s)
-    static = weights + states
+    buckets = ddp_bucket_bytes(ms, s)
+    static = weights + states + buckets
     transient = 4 * ms.transient  # within the last block's forward, before the loss's tensors exist
     plain = static + max(acts.stored + copies + max(logits, transient), grads + scratch)
     stored, recompute = acts.checkpoint_stored, acts.checkpoint_recompute
     checkpointed = static + max(stored + copies + max(logits, recompute + transient), grads + max(scratch, recompute))
     return Estimate(ms.mode, weights, grads, states, acts.stored, stored + recompute, logits, copies, scratch,
-                    plain, checkpointed, ms.trainable)
+                    plain, checkpointed, ms.trainable, ddp_buckets=buckets)
 
 
 def parse_size(text: str) -> int:

@@ -134,7 +134,7 @@ def make_plan(req: PlanRequest, modes: tuple[str, ...] = PLAN_MODES) -> Plan:
     if not arch.gated_mlp or arch.model_type not in ("llama", "qwen2", "qwen3", "mistral", "gemma", "phi3"):
         notes.append(f"activations are counted for Llama-style blocks; for {arch.model_type} they are an estimate")
     settings = Settings(seq_len=seq_len, batch_size=req.batch_size, mixed_precision=req.mixed_precision,
-                        device=req.device, chunked_head=req.chunked_head)
+                        device=req.device, chunked_head=req.chunked_head, gpus=req.gpus)
     shapes = describe_modes(model, default_tuning(arch.layers), modes)
     if req.device == "cpu" and "qlora" in shapes:
         shapes["qlora"] = replace(shapes["qlora"], unavailable="QLoRA needs a CUDA GPU (bitsandbytes)")
@@ -166,7 +166,7 @@ def _data_lengths(req: PlanRequest, arch: Architecture) -> LengthStats:
 
 _COLUMNS = (("weights", "weights"), ("grads", "gradients"), ("AdamW", "optimizer"), ("scratch", "optimizer_scratch"),
             ("activ.", "activations"), ("act.ckpt", "activations_checkpointed"), ("logits", "logits"),
-            ("16-bit", "autocast_copies"), ("peak", "total"), ("pk.ckpt", "total_checkpointed"))
+            ("16-bit", "autocast_copies"), ("DDP", "ddp_buckets"), ("peak", "total"), ("pk.ckpt", "total_checkpointed"))
 
 
 def format_plan(plan: Plan) -> str:
@@ -209,7 +209,8 @@ def format_plan(plan: Plan) -> str:
         out.append(f"{mode:<11}{_count(e.trainable):>11}{cells}  {verdict}")
     out.append("")
     out.append("16-bit: autocast's copies of the fp32 weights under mixed precision; scratch: AdamW's temporaries; "
-               "peak ~ weights + AdamW + max(activations + logits + 16-bit, gradients + scratch) (docs/plan.md)")
+               "DDP: gradient buckets (--gpus > 1); "
+               "peak ~ weights + AdamW + DDP + max(activations + logits + 16-bit, gradients + scratch) (docs/plan.md)")
     return "\n".join(out)
 
 

@@ -110,7 +110,8 @@ def recommend(params: int, budget: int, estimates: dict[str, Estimate], *, goal:
     if private:
         rec.steps.extend(_private_steps(params, adapter_bytes))
     if gpus > 1:
-        rec.notes.append(f"{gpus} GPUs: posttrain trains data-parallel (DDP), so every GPU holds the per-GPU peak; "
+        rec.notes.append(f"{gpus} GPUs: posttrain trains data-parallel (DDP), so every GPU holds the per-GPU peak "
+                         f"(with DDP's gradient buckets, 4 bytes per trained parameter); "
                          f"more GPUs raise throughput (global batch = batch x accumulation x {gpus}), not capacity")
     if mode != "full":
         _sharding_note(rec, sharded, budget, gpus)

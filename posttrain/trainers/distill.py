@@ -76,7 +76,7 @@ def _naming_the_teacher(cfg: RunConfig):
         yield
     except PosttrainError as exc:
         message = str(exc).replace("model.name_or_path=", "")
-        raise type(exc)(f"distill.teacher={cfg.distill.teacher!r}: {message}") from None
+        raise PosttrainError(f"distill.teacher={cfg.distill.teacher!r}: {message}") from None
 
 
 def load_teacher(cfg: RunConfig, device):

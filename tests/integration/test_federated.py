@@ -175,6 +175,6 @@ def test_a_failing_client_sends_the_server_its_error_type_only(tmp_path, tiny_mo
         app.train(SimpleNamespace(content=content), context)
     # What Flower sends the server is str(exception): no file, row or field of the client's.
     said = str(info.value)
-    assert "in the client's train; see its SuperNode log" in said
+    assert said == "DataError in the client's train; see its SuperNode log"
     assert "patients" not in said and "private-site" not in said and "oops" not in said
-    assert "patients.jsonl" in capfd.readouterr().err  # the full message stays in the SuperNode's log
+    assert "patients.jsonl:2 field 'messages'" in capfd.readouterr().err  # the full message stays in its log

@@ -201,7 +201,12 @@ def test_the_package_imports_flower_only_where_it_runs():
 
 def test_the_memory_budget_hook_warns_once_or_stops():
     from posttrain.config import MemoryConfig
-    from posttrain.ondevice.memory import MemoryBudget, MemoryBudgetExceeded, memory_report, peak_rss_mb
+    from posttrain.ondevice.memory import (
+        MemoryBudget,
+        MemoryBudgetExceeded,
+        memory_report,
+        peak_rss_mb,
+    )
 
     said = []
     warn = MemoryBudget(MemoryConfig(budget_mb=1, over_budget="warn"), log=said.append)

@@ -262,3 +262,21 @@ def test_make_engine(model, tokenizer, end_of_turn):
 def test_vllm_without_vllm_names_the_extra(model, tokenizer, end_of_turn):
     with pytest.raises(MissingExtraError, match=r"pip install 'posttrain\[vllm\]'"):
         make_engine("vllm", model, tokenizer, stop_token_ids=[end_of_turn], model_path="some/model")
+
+
+def test_resolve_engine_and_sampling_params_read_a_generation_section(monkeypatch):
+    from types import SimpleNamespace
+
+    from posttrain.generation import resolve_engine, sampling_params
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())  # vLLM "installed"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_engine("auto") == "vllm"
+    assert resolve_engine("auto", vllm_can_load=False) == "transformers"  # e.g. an adapter being trained
+    assert resolve_engine("vllm", vllm_can_load=False) == "vllm"  # asked for explicitly: config checks refuse it
+    with pytest.raises(ValueError, match="must be one of"):
+        resolve_engine("sglang")
+    gen = SimpleNamespace(max_new_tokens=7, temperature=0.6, top_p=0.9)
+    assert sampling_params(gen, n=3, seed=5) == SamplingParams(max_new_tokens=7, temperature=0.6, top_p=0.9, n=3,
+                                                               seed=5)
+    assert sampling_params(gen, greedy=True) == SamplingParams(max_new_tokens=7, temperature=0.0, top_p=1.0)

@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from posttrain.losses.distill import distill_token_losses, distill_token_losses_topk, teacher_topk
+from posttrain.losses.distill import (
+    distill_token_losses,
+    distill_token_losses_topk,
+    teacher_topk,
+)
 
 # Teacher p = softmax([0, ln 3]) = [1/4, 3/4]; student q = softmax([0, 0]) = [1/2, 1/2].
 TEACHER = torch.tensor([[[0.0, math.log(3.0)]]])

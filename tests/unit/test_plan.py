@@ -120,6 +120,26 @@ def test_gpu_weights_by_hand():
     assert NF4_BYTES == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256))
 
 
+def test_qlora_residual_stream_is_fp32():
+    # prepare_model_for_kbit_training casts embeddings and norms to fp32, so the residual stream a checkpointed
+    # block keeps and the final norm's output (the chunked head's input) are fp32, unlike LoRA's bf16 base.
+    gpu = Settings(seq_len=3, batch_size=2, mixed_precision="bf16", device="cuda")
+    shape = {"trainable": 20, "total": 216, "largest": 8, "first_trained_layer": 0, "adapter_layers": 1}
+    final_norm, rope = 4 * 4 + 4, 2 * 2 * 4
+    qlora = activation_bytes(ONE_BLOCK, ModeShape("qlora", **shape), gpu)
+    assert qlora.checkpoint_stored == 6 * (4 * 4 + final_norm + 4 * 4 + rope)
+    lora = activation_bytes(ONE_BLOCK, ModeShape("lora", **shape), gpu)
+    assert lora.checkpoint_stored == 6 * (2 * 4 + final_norm + 2 * 4 + rope)
+
+
+def test_data_parallel_adds_ddp_gradient_buckets():
+    # accelerate's DDP (gradient_as_bucket_view off) keeps a flat fp32 copy of every trained gradient on each GPU.
+    s = Settings(seq_len=3, batch_size=2, **CPU)
+    one, two = estimate(ONE_BLOCK, FULL, s), estimate(ONE_BLOCK, FULL, replace(s, gpus=2))
+    assert one.ddp_buckets == 0 and two.ddp_buckets == 4 * 196
+    assert (two.total - one.total, two.total_checkpointed - one.total_checkpointed) == (4 * 196, 4 * 196)
+
+
 # --- what each mode trains, counted on the empty model ---------------------------------------------------------
 
 
