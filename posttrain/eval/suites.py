@@ -3,15 +3,15 @@
 - ``perplexity``: per-token NLL of held-out text (or of the assistant turns of chat data) -> perplexity.
 - ``generation``: greedy answers to prompts, scored by reward specs (exact match, numeric match,
   regex, a Python function, ...) as the online methods use them.
-
-Both also report each metric per task (``perplexity/<task>``, ``exact_match/<task>``, ...) when
-rows carry a ``task`` field; the headline stays the metric over all rows.
 - ``multiple_choice``: the option with the highest log-likelihood after the prompt is the answer;
   ``accuracy`` sums the option's token log-probs, ``accuracy_norm`` divides by its characters.
 - ``reward_model``: greedy answers scored by a reward model.
 - ``win_rate``: greedy answers against a baseline model's, decided by a pairwise LLM judge (asked
   in both orders) or by a reward model; a tie or undecided pair counts half.
 - ``lm_eval``: tasks of lm-evaluation-harness (an optional extra), when installed.
+
+``perplexity`` and ``generation`` also report each metric per task (``perplexity/<task>``,
+``exact_match/<task>``, ...) when rows carry a ``task`` field; the headline stays the metric over all rows.
 """
 
 from __future__ import annotations

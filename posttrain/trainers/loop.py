@@ -226,7 +226,8 @@ class Trainer:
         self.flops = FlopCounter(model) if self.peak_flops else None
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
-        # training.l2_to_start's anchor: taken here, before a resume loads later weights.
+        # training.l2_to_start's anchor: taken here, before a resume loads later weights; checkpoints keep it,
+        # since an adapter's random init (LoRA's A) is redrawn on resume from whatever the RNG then holds.
         self.start_values = [p.detach().clone() for p in self.trainable] if self.tcfg.l2_to_start > 0 else None
         self.writers = _Writers(self.out, self.tcfg.report_to, accelerator.is_main_process, cfg)
 
@@ -488,6 +489,8 @@ class Trainer:
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(rng, tmp / "rng.pt")
                 self._save_extra(tmp)
+                if self.start_values is not None:
+                    torch.save([v.cpu() for v in self.start_values], tmp / "l2_anchor.pt")
                 # Written last inside the folder; the folder itself appears only when whole.
                 atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(self.state), indent=2))
             self._rotate_checkpoints()
@@ -522,6 +525,10 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         self._load_extra(path)
+        if self.start_values is not None and (path / "l2_anchor.pt").is_file():
+            saved = torch.load(path / "l2_anchor.pt", map_location="cpu", weights_only=True)
+            for v, s in zip(self.start_values, saved, strict=True):
+                v.copy_(s)
         rng = torch.load(path / "rng.pt", weights_only=False)
         _set_rng_state(rng[self.acc.process_index] if len(rng) == self.world else rng[0])
         self.state = TrainState(**json.loads((path / "trainer_state.json").read_text()))

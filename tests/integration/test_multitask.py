@@ -157,3 +157,35 @@ def test_l2_to_start_keeps_lora_adapters_near_their_init(tmp_path, tiny_model, t
     logged = [m for m in metrics(held.parent) if "l2_distance" in m]
     assert len(logged) == 3 and all(m["l2_distance"] > 0 for m in logged)
     assert "l2_distance" not in json.dumps(metrics(free.parent))
+
+
+def test_resumed_lora_keeps_the_l2_anchor_of_the_stage_start(tmp_path, tiny_model, tasks, monkeypatch):
+    import posttrain.tuning as tuning
+
+    def config(name):
+        return base_config(tiny_model, tasks["train"], tmp_path / name, tuning={"mode": "lora", "lora": {"r": 4}},
+                           training={"max_steps": 6, "batch_size": 4, "learning_rate": 1e-2, "l2_to_start": 5.0,
+                                     "logging_steps": 1, "save_steps": 3})
+
+    whole = run(config("whole"))
+    real_step, real_tuning = loop.Trainer._train_step, tuning.apply_tuning
+
+    def crash(self, batch):
+        if self.state.step == 4:
+            raise Crash()
+        return real_step(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", crash)
+    with pytest.raises(Crash):
+        run(config("split"))
+    monkeypatch.setattr(loop.Trainer, "_train_step", real_step)
+
+    def redrawn(*args, **kwargs):  # a resume whose RNG differs when LoRA's A is drawn (e.g. no eval.before)
+        torch.rand(1000)
+        return real_tuning(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "apply_tuning", redrawn)
+    resumed = run(config("split"), resume=True)
+    a, b = metrics(whole.parent), metrics(resumed.parent)
+    assert [m["l2_penalty"] for m in a] == pytest.approx([m["l2_penalty"] for m in b], rel=1e-5)
+    assert a[-1]["l2_penalty"] > 0
