@@ -171,6 +171,30 @@ def posttrain_child(config: dict) -> dict:
     return measured
 
 
+def trl_inputs(spec: dict):
+    """(tokenizer, float32 model, data rows, on GPU?) for a TRL contender, loaded as posttrain loads them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+    return tokenizer, model, rows, torch.cuda.is_available()
+
+
+def alternate(script: str, contenders, repeats: int, spec_for, work: Path) -> dict[str, list[dict]]:
+    """Each repeat runs every contender once, in order, each in a fresh process; prints each run as it ends."""
+    results: dict[str, list[dict]] = {c: [] for c in contenders}
+    width = max(len(c) for c in contenders)
+    for r in range(repeats):
+        for name in contenders:
+            res = run_child(script, spec_for(name, r), work)
+            results[name].append(res)
+            print(f"  repeat {r + 1} {name:<{width}} {res['tokens_per_sec']:>9.0f} tokens/s  {res['tokens']:>8} tokens "
+                  f"in {res['seconds']:6.1f} s  peak {res['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+    return results
+
+
 def run_child(script: str, spec: dict, work: Path) -> dict:
     """Run ``script --child SPEC`` in a fresh process; its last stdout line is the JSON result."""
     path = work / f"spec-{time.monotonic_ns()}.json"
@@ -185,8 +209,8 @@ def run_child(script: str, spec: dict, work: Path) -> dict:
 def summarise(results: dict[str, list[dict]]) -> dict:
     """Median tokens/s, peak memory and MFU of each contender over the repeats."""
     return {name: {"tokens_per_sec": statistics.median(r["tokens_per_sec"] for r in runs),
-                  "peak_bytes": statistics.median(r["peak_bytes"] for r in runs),
-                  "mfu": statistics.median(r.get("mfu") or 0.0 for r in runs) or None}
+                   "peak_bytes": statistics.median(r["peak_bytes"] for r in runs),
+                   "mfu": statistics.median(r.get("mfu") or 0.0 for r in runs) or None}
             for name, runs in results.items()}
 
 

@@ -25,21 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 # "full head": posttrain with training.chunked_head=false, to measure that means on its own.
-CONTENDERS = ("posttrain live", "TRL live", "posttrain precomputed", "TRL precomputed", "posttrain precomputed full head")
+CONTENDERS = ("posttrain live", "TRL live", "posttrain precomputed", "TRL precomputed",
+              "posttrain precomputed full head")
 DEFAULT = CONTENDERS[:4]
 
 
 def _trl_child(spec: dict) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
     a = spec["args"]
-    gpu = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+    tokenizer, model, rows, gpu = common.trl_inputs(spec)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "chosen": [{"role": "assistant", "content": r["chosen"]}],
                                "rejected": [{"role": "assistant", "content": r["rejected"]}]} for r in rows])
@@ -99,19 +95,17 @@ def main() -> None:
           f"p90 {words[len(words) * 9 // 10]}, max {words[-1]}; max_len {args.max_len}, batch {args.batch_size}, "
           f"{args.steps} steps, {args.repeats} repeats")
     contenders = args.only or DEFAULT
-    results: dict[str, list[dict]] = {c: [] for c in contenders}
-    for r in range(args.repeats):
-        for name in contenders:
-            spec = {"contender": name, "args": vars(args), "model": str(model), "data": str(data),
-                    "reference": "live" if "live" in name else "precomputed",
-                    "chunked_head": not name.endswith("full head"), "out": str(work / f"run-{r}-{name.replace(' ', '-')}")}
-            res = common.run_child(__file__, spec, work)
-            results[name].append(res)
-            print(f"  repeat {r + 1} {name:<22} {res['tokens_per_sec']:>9.0f} tokens/s  {res['tokens']:>8} tokens in "
-                  f"{res['seconds']:6.1f} s  peak {res['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+
+    def spec_for(name: str, r: int) -> dict:
+        return {"contender": name, "args": vars(args), "model": str(model), "data": str(data),
+                "reference": "live" if "live" in name else "precomputed",
+                "chunked_head": not name.endswith("full head"), "out": str(work / f"run-{r}-{name.replace(' ', '-')}")}
+
+    results = common.alternate(__file__, contenders, args.repeats, spec_for, work)
     pairs = [(a, b) for a, b in (("posttrain live", "TRL live"), ("posttrain precomputed", "TRL precomputed"),
                                  ("posttrain precomputed", "TRL live"),
-                                 ("posttrain precomputed", "posttrain precomputed full head")) if a in results and b in results]
+                                 ("posttrain precomputed", "posttrain precomputed full head"))
+             if a in results and b in results]
     common.print_table(f"DPO full, model {args.model} (median of {args.repeats})", common.summarise(results), pairs)
 
 

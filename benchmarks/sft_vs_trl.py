@@ -29,16 +29,11 @@ DEFAULT = CONTENDERS[:4]
 
 
 def _trl_child(spec: dict) -> dict:
-    import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     a = spec["args"]
-    gpu = torch.cuda.is_available()
-    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
-    rows = [json.loads(line) for line in Path(spec["data"]).read_text().splitlines()]
+    tokenizer, model, rows, gpu = common.trl_inputs(spec)
     data = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}],
                                "completion": [{"role": "assistant", "content": r["completion"]}]} for r in rows])
     peft_config = None
@@ -115,18 +110,15 @@ def main() -> None:
           f"p90 {words[len(words) * 9 // 10]}, max {words[-1]}; max_len {args.max_len}, batch {args.batch_size} x "
           f"{args.grad_accum}, {args.steps} steps, {args.repeats} repeats")
     contenders = args.only or DEFAULT
-    results: dict[str, list[dict]] = {c: [] for c in contenders}
-    for r in range(args.repeats):
-        for name in contenders:
-            ours = name.startswith("posttrain")
-            spec = {"contender": name, "args": vars(args), "model": str(model), "packing": "packed" in name,
-                    "chunked_head": not name.endswith("full head"),
-                    "data": str(work / ("posttrain.jsonl" if ours else "trl.jsonl")),
-                    "out": str(work / f"run-{r}-{name.replace(' ', '-')}")}
-            res = common.run_child(__file__, spec, work)
-            results[name].append(res)
-            print(f"  repeat {r + 1} {name:<18} {res['tokens_per_sec']:>9.0f} tokens/s  {res['tokens']:>8} tokens in "
-                  f"{res['seconds']:6.1f} s  peak {res['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+
+    def spec_for(name: str, r: int) -> dict:
+        ours = name.startswith("posttrain")
+        return {"contender": name, "args": vars(args), "model": str(model), "packing": "packed" in name,
+                "chunked_head": not name.endswith("full head"),
+                "data": str(work / ("posttrain.jsonl" if ours else "trl.jsonl")),
+                "out": str(work / f"run-{r}-{name.replace(' ', '-')}")}
+
+    results = common.alternate(__file__, contenders, args.repeats, spec_for, work)
     pairs = [(a, b) for a, b in (("posttrain packed", "TRL packed"), ("posttrain padded", "TRL padded"),
                                  ("posttrain packed", "TRL padded"), ("posttrain packed", "posttrain packed full head"))
              if a in results and b in results]
