@@ -102,7 +102,7 @@ class Meter:
         import torch
 
         self.torch = torch
-        self.pad_id, self.tokens, self.peak_rss, self.elapsed = pad_id, 0, 0, 0.0
+        self.pad_id, self.tokens, self.peak_rss, self.start_rss, self.elapsed = pad_id, 0, 0, 0, 0.0
         self._stop = threading.Event()
         self._thread = None
         model.register_forward_pre_hook(self._count, with_kwargs=True)
@@ -114,19 +114,22 @@ class Meter:
         if ids is not None:
             self.tokens += int((ids != self.pad_id).sum())
 
-    def _sample(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
+    @staticmethod
+    def _rss() -> int:
         with open("/proc/self/statm") as f:
-            while not self._stop.is_set():
-                f.seek(0)
-                self.peak_rss = max(self.peak_rss, int(f.read().split()[1]) * page)
-                time.sleep(0.002)
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, self._rss())
+            time.sleep(0.002)
 
     def __enter__(self):
         torch = self.torch
         if torch.cuda.is_available():
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        self.start_rss = self._rss()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         self._start = time.perf_counter()
@@ -145,7 +148,7 @@ class Meter:
         gpu = torch.cuda.is_available()
         peak = torch.cuda.max_memory_allocated() if gpu else self.peak_rss
         return {"tokens": self.tokens, "seconds": self.elapsed, "tokens_per_sec": self.tokens / self.elapsed,
-                "peak_bytes": peak, "peak_kind": "cuda max_memory_allocated" if gpu else "peak RSS while training"}
+                "peak_bytes": peak, "growth_bytes": None if gpu else self.peak_rss - self.start_rss, "peak_kind": "cuda max_memory_allocated" if gpu else "peak RSS while training"}
 
 
 def posttrain_child(config: dict) -> dict:
@@ -190,8 +193,9 @@ def alternate(script: str, contenders, repeats: int, spec_for, work: Path) -> di
         for name in contenders:
             res = run_child(script, spec_for(name, r), work)
             results[name].append(res)
+            growth = f" (+{res['growth_bytes'] / 2**20:.0f} MiB in training)" if res.get("growth_bytes") else ""
             print(f"  repeat {r + 1} {name:<{width}} {res['tokens_per_sec']:>9.0f} tokens/s  {res['tokens']:>8} tokens "
-                  f"in {res['seconds']:6.1f} s  peak {res['peak_bytes'] / 2**20:8.1f} MiB", flush=True)
+                  f"in {res['seconds']:6.1f} s  peak {res['peak_bytes'] / 2**20:8.1f} MiB{growth}", flush=True)
     return results
 
 

@@ -111,15 +111,16 @@ class PairMethod:
     def loss(self, model, batch: dict[str, torch.Tensor]):
         if self.name == "reward":
             return self._reward_loss(model, batch)
-        logps = label_logps(model, forward_inputs(batch), batch["labels"], chunked=self.chunked).sum(-1)
-        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
-        pc, pr = logps.chunk(2)
-        nc, nr = n.chunk(2)
+        # The reference first: its no-grad activations are freed before the policy's graph is built.
         ref = None
         if self.reference is not None:
             ref = self.reference_logps(lambda i, lab: self.reference.logps(model, i, lab), batch)
         elif "ref" in batch:
             ref = batch["ref"]
+        logps = label_logps(model, forward_inputs(batch), batch["labels"], chunked=self.chunked).sum(-1)
+        n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum(-1)
+        pc, pr = logps.chunk(2)
+        nc, nr = n.chunk(2)
         losses, metrics = PAIR_LOSSES[self.name](self.cfg, pc, pr, nc.float(), nr.float(), ref)
         return losses.sum(), metrics
 
@@ -198,8 +199,8 @@ class FeedbackMethod:
 
     def loss(self, model, batch: dict[str, torch.Tensor]):
         k = self.cfg.preference.kto
+        ref = self._ref(model, batch, 0)  # first, as in PairMethod.loss
         logps = label_logps(model, forward_inputs(batch), batch["labels"], chunked=self.chunked).sum(-1)
-        ref = self._ref(model, batch, 0)
         good = batch["desirable"]
         z0 = batch["kl"][0]
         losses, rewards = kto_loss(
