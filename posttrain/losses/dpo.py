@@ -22,7 +22,7 @@ def dpo_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-pair preference loss on the log-ratio margin h = (pc - rc) - (pr - rr).
 
-    All inputs are summed sequence log-probs log π(y|x) (``sequence_logps``), shape (B,):
+    All inputs are summed sequence log-probs log π(y|x) (``label_logps(...).sum(-1)`` in models/logprobs.py), shape (B,):
     pc, pr under the policy and rc, rr under the reference, for the chosen and rejected answers.
 
     - ``sigmoid``: DPO, Rafailov et al. 2023, eq. 7: -log σ(β h). With label smoothing ε

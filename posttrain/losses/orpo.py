@@ -41,7 +41,7 @@ def orpo_loss(
     L_OR = -log σ(log odds(y_w) - log odds(y_l)) = -log σ(log of the odds ratio).
 
     chosen_logps, rejected_logps: (B,) summed sequence log-probs under the policy;
-    chosen_len, rejected_len: (B,) scored-token counts (``n_tokens`` of ``sequence_logps``), > 0.
+    chosen_len, rejected_len: (B,) scored-token counts (labelled tokens per sequence), > 0.
     Returns (losses, nll, odds_ratio_loss, chosen_rewards, rejected_rewards), each (B,):
     losses = nll + lam * odds_ratio_loss, the two terms kept in the graph for the caller to log;
     the rewards are a_w and a_l, detached. The odds are monotone in a, so "chosen_rewards >

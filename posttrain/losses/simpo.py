@@ -21,7 +21,7 @@ def simpo_loss(
     by writing longer answers; γ is the target reward margin between chosen and rejected.
 
     chosen_logps, rejected_logps: (B,) summed sequence log-probs under the policy;
-    chosen_len, rejected_len: (B,) scored-token counts (``n_tokens`` of ``sequence_logps``), > 0.
+    chosen_len, rejected_len: (B,) scored-token counts (labelled tokens per sequence), > 0.
     Returns (losses, chosen_rewards, rejected_rewards), each (B,); rewards detached.
     """
     if not beta > 0:

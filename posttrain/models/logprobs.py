@@ -80,19 +80,6 @@ def per_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logps[:, :-1]
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log π(y | x) = Σ_t log p(labels[t+1] | tokens <= t) over the scored positions of each row.
-
-    The sequence log-probability that DPO, SimPO, ORPO, KTO and their references compare
-    (e.g. Rafailov et al. 2023, eq. 7); SimPO and ORPO divide it by ``n_tokens``.
-
-    logits: (B, T, V); labels: (B, T) aligned with the inputs (shifted here), IGNORE_INDEX = not scored.
-    Returns (logp_sum: (B,) float32, n_tokens: (B,) int64).
-    """
-    logps = per_token_logps(logits, labels)
-    return logps.sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
-
-
 # Architectures whose logits are exactly lm_head(last hidden state): no soft-capping (Gemma 2/3), logit scale
 # (Cohere) or divisor (Granite) after the head. Others take the full-logits path.
 PLAIN_HEAD_TYPES = frozenset({

@@ -7,12 +7,12 @@ import torch
 
 from posttrain.losses.dpo import DPO_LOSS_TYPES, dpo_loss
 from posttrain.losses.kto import kto_kl, kto_loss
-from posttrain.losses.nll import nll_sum
+from posttrain.losses.nll import IGNORE_INDEX, nll_sum
 from posttrain.losses.orpo import orpo_loss
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.simpo import simpo_loss
 from posttrain.models import logprobs
-from posttrain.models.logprobs import per_token_logps, sequence_logps
+from posttrain.models.logprobs import per_token_logps
 
 IGNORE = -100
 
@@ -314,7 +314,12 @@ def test_bradley_terry_validates():
         bradley_terry_loss(t(1.0), t(0.25), margin=t(0.5, 0.5))
 
 
-# --- sequence_logps / per_token_logps ----------------------------------------------------------
+# --- per_token_logps, summed per sequence as the preference methods use it -----------------------
+
+
+def sequence_logps(logits, labels):
+    """(Σ of each row's labelled-token log-probs, labelled tokens per row): what DPO/SimPO/ORPO/KTO compare."""
+    return per_token_logps(logits, labels).sum(dim=-1), (labels[:, 1:] != IGNORE_INDEX).sum(dim=-1)
 
 
 def brute_force_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[list[float], list[int]]:
