@@ -277,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_tiny_model)
 
     tr = sub.add_parser(
-        "train", help="run one training stage (method: pretrain, sft, reward, dpo, kto, simpo, orpo, ppo, grpo, online_dpo or rft)"
+        "train", help="run one training stage (method: pretrain, sft, reward, dpo, kto, simpo, orpo, ppo, grpo, "
+             "online_dpo, rft or distill)"
     )
     tr.add_argument("config", help="YAML config file")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. training.max_steps=100")
