@@ -95,7 +95,7 @@ def head_chunk_rows(vocab: int) -> int:
     return max(64, _HEAD_CHUNK_ELEMENTS // max(1, vocab))
 
 
-def _plain_head(model):
+def plain_head(model):
     """(the causal LM, its head) when the logits are plain ``head(hidden)`` and no virtual tokens are added."""
     inner = getattr(model, "module", model)  # under DistributedDataParallel
     if hasattr(inner, "get_base_model"):  # peft
@@ -137,7 +137,7 @@ def label_logps(model, inputs: dict, labels: torch.Tensor, *, chunked: bool = Tr
     full (B, T, V) logits never exist, in the forward or the backward, and prompt and padding positions cost
     no head FLOPs. The price is a second head forward per chunk in the backward.
     """
-    plain = _plain_head(model) if chunked else None
+    plain = plain_head(model) if chunked else None
     if plain is None:
         logits = model(**inputs, use_cache=False).logits
         return per_token_logps(logits / temperature if temperature != 1.0 else logits, labels)
@@ -148,11 +148,13 @@ def label_logps(model, inputs: dict, labels: torch.Tensor, *, chunked: bool = Tr
     scored = targets != IGNORE_INDEX
     picked, wanted = hidden[:, :-1][scored], targets[scored]
     rows = head_chunk_rows(lm.config.get_text_config().vocab_size)
+    # At least one chunk, empty when nothing is labelled: the result stays in the graph, so a micro-batch (or a
+    # process) without trained tokens still backpropagates, with zero gradients.
     pieces = [
         checkpoint(_chunk_logps, picked[i : i + rows], wanted[i : i + rows], head, temperature, use_reentrant=False)
-        for i in range(0, picked.size(0), rows)
+        for i in range(0, max(picked.size(0), 1), rows)
     ]
-    flat = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.promote_types(hidden.dtype, torch.float32))
+    flat = torch.cat(pieces)
     out = torch.zeros(targets.shape, dtype=flat.dtype, device=hidden.device)
     return out.masked_scatter(scored, flat)
 
@@ -166,7 +168,7 @@ def labelled_logits(model, inputs: dict, labels: torch.Tensor, *, chunked: bool 
     the whole distribution at each trained token (distillation), so the (N, V) result itself is built, unchunked.
     """
     scored = labels[:, 1:] != IGNORE_INDEX
-    plain = _plain_head(model) if chunked else None
+    plain = plain_head(model) if chunked else None
     if plain is None:
         return model(**inputs, use_cache=False).logits[:, :-1][scored]
     lm, head = plain

@@ -223,7 +223,7 @@ class Trainer:
         )
         # Model FLOPs utilisation is logged where the device's peak is known (GPUs; see trainers/flops.py).
         self.peak_flops = peak_bf16_flops(accelerator.device)
-        self.flops = FlopCounter(model) if self.peak_flops else None
+        self.flops = FlopCounter(model, self.tcfg.chunked_head) if self.peak_flops else None
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # training.l2_to_start's anchor: taken here, before a resume loads later weights; checkpoints keep it,

@@ -149,7 +149,7 @@ def attach_precomputed(
     import transformers
 
     config = model.config.to_json_string() if hasattr(model, "config") else ""
-    chunked = getattr(method, "chunked", True)
+    chunked = method.chunked
     parts = [weights_fingerprint(model), settings, f"chunked_head={chunked}", config, torch.__version__, transformers.__version__,
              REFERENCE_VERSION]
     key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]

@@ -25,6 +25,30 @@ def test_full_model_costs_6n_per_token_and_12lhn2_per_sample(model):
     assert counter.batch_flops(batch, pad_id=0) == counter.per_token * 7 + counter.per_square * (25 + 4)
 
 
+def test_the_chunked_head_is_charged_per_labelled_token(model):
+    counter = FlopCounter(model, chunked_head=True)
+    head = 6 * model.config.vocab_size * 64
+    assert counter.per_labelled == head and counter.per_token == 6 * _tiny_sizes(model) - head
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, -100, -100]])
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": labels,
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])}
+    assert counter.batch_flops(batch, pad_id=0) == counter.per_token * 7 + head * 3 + counter.per_square * (25 + 4)
+
+
+def test_experts_count_at_top_k_over_e(tiny_moe):
+    from transformers import AutoModelForCausalLM
+
+    moe = AutoModelForCausalLM.from_pretrained(tiny_moe)
+    cfg = moe.config
+    experts = sum(p.numel() for n, p in moe.named_parameters() if ".experts." in n)
+    rest = sum(p.numel() for n, p in moe.named_parameters() if ".experts." not in n and "embed_tokens" not in n)
+    tied = cfg.tie_word_embeddings
+    head = 0 if not tied else cfg.vocab_size * cfg.hidden_size  # a tied head shares the skipped embedding
+    assert experts > 0 and cfg.num_experts_per_tok < cfg.num_experts
+    expected = 6 * (rest + head + experts * cfg.num_experts_per_tok / cfg.num_experts)
+    assert FlopCounter(moe).per_token == pytest.approx(expected)
+
+
 def test_frozen_weights_cost_4n(model):
     from peft import LoraConfig, get_peft_model
 
