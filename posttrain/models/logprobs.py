@@ -97,8 +97,12 @@ def head_chunk_rows(vocab: int) -> int:
 
 def plain_head(model):
     """(the causal LM, its head) when the logits are plain ``head(hidden)`` and no virtual tokens are added."""
-    inner = getattr(model, "module", model)  # under DistributedDataParallel
-    if hasattr(inner, "get_base_model"):  # peft
+    from accelerate.utils import extract_model_from_parallel
+
+    from posttrain.models.checkpoint import is_peft
+
+    inner = extract_model_from_parallel(model)  # DDP, torch.compile
+    if is_peft(inner):
         config = inner.peft_config.get(inner.active_adapter)
         if config is None or config.is_prompt_learning:
             return None
