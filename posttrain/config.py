@@ -675,6 +675,77 @@ class MemoryConfig(_Section):
     )
 
 
+class FsdpConfig(_Section):
+    """FSDP2 (torch's ``fully_shard``): parameters, gradients and optimizer states split over the processes."""
+
+    reshard_after_forward: bool = Field(
+        True, description="true: full shard (weights gathered again for the backward; least memory, like ZeRO-3); "
+        "false: keep each layer's gathered weights from forward to backward (less communication, like ZeRO-2)"
+    )
+    cpu_offload: bool = Field(False, description="keep the sharded parameters, gradients and optimizer states in CPU "
+                                                 "memory between uses (the optimizer step runs on the CPU)")
+    wrap: list[str] | None = Field(
+        None, description="module class names sharded as one unit each (default: the model's decoder-layer "
+        "classes, transformers' _no_split_modules); the rest is sharded with the root"
+    )
+
+
+class DeepSpeedConfig(_Section):
+    """DeepSpeed ZeRO through ``deepspeed.initialize``; the engine runs the optimizer step and gradient clipping."""
+
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="1: optimizer states sharded; 2: and gradients; 3: and parameters"
+    )
+    offload_optimizer: bool = Field(False, description="optimizer states (and the step) in CPU memory (ZeRO-Offload)")
+    offload_params: bool = Field(False, description="parameters in CPU memory between uses (ZeRO-3 only)")
+    config_file: str | None = Field(
+        None, description="a DeepSpeed JSON whose keys are merged over the settings posttrain derives from this "
+        "config (batch sizes, accumulation, clipping and precision always come from training:)"
+    )
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> "DeepSpeedConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"distributed.deepspeed.offload_params needs zero_stage 3 (given {self.zero_stage}): "
+                             f"only ZeRO-3 shards the parameters")
+        return self
+
+
+class DistributedConfig(_Section):
+    """How a run spreads over processes and machines (docs/distributed.md)."""
+
+    strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="auto: DDP when launched on several processes (or what `accelerate launch` was told, "
+        "--use_fsdp / --use_deepspeed); ddp: every process holds the whole model; fsdp: FSDP2 sharding; deepspeed: "
+        "ZeRO stage 1-3"
+    )
+    num_processes: int | None = Field(
+        None, ge=1, description="processes on this machine; above 1, `posttrain train` tokenizes the data once and "
+        "then starts them itself with `accelerate launch` (not needed when you launch it yourself)"
+    )
+    num_machines: int = Field(1, ge=1, description="machines in the run (each runs `posttrain train` with its rank)")
+    machine_rank: int = Field(0, ge=0, description="this machine's rank, 0 on the main machine")
+    main_process_ip: str | None = Field(None, description="the main machine's address (multi-machine runs)")
+    main_process_port: int | None = Field(None, ge=1, le=65535)
+    checkpoint: Literal["full", "sharded"] = Field(
+        "full", description="under fsdp/deepspeed, checkpoints always keep the engine's sharded state for resume; "
+        "full: each also gets the gathered weights in model/ (loadable by transformers/peft); sharded: only the "
+        "shards (faster and smaller; final/ is always gathered)"
+    )
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _machines_fit(self) -> "DistributedConfig":
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(f"distributed.machine_rank={self.machine_rank} must be below num_machines="
+                             f"{self.num_machines}")
+        if self.num_machines > 1 and (self.main_process_ip is None or self.num_processes is None):
+            raise ValueError("distributed.num_machines > 1 needs distributed.main_process_ip (the main machine's "
+                             "address) and distributed.num_processes (processes per machine)")
+        return self
+
+
 METHODS = ("pretrain", "sft", "reward", "dpo", "kto", "simpo", "orpo", "grpo", "rft", "online_dpo", "ppo", "distill")
 ONLINE_METHODS = ("grpo", "rft", "online_dpo", "ppo")
 REFERENCE_METHODS = ("dpo", "kto", "online_dpo", "grpo", "ppo")
@@ -691,6 +762,7 @@ class RunConfig(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     moe: MoeConfig = Field(default_factory=MoeConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     eval: EvalConfig | None = None
     output_dir: Name
 
@@ -808,6 +880,46 @@ class RunConfig(_Section):
                 f"use engine transformers or auto"
             )
         return self
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> "RunConfig":
+        d = self.distributed
+        if d.strategy in ("fsdp", "deepspeed"):
+            problem = self.engine_problem(d.strategy, d.deepspeed.zero_stage)
+            if problem:
+                raise ValueError(problem)
+        return self
+
+    def engine_problem(self, strategy: str, zero_stage: int = 2) -> str | None:
+        """Why this run cannot train under FSDP or DeepSpeed (checked at load, and again when ``auto`` resolves)."""
+        where = f"distributed.strategy={strategy}" + (f" (ZeRO-{zero_stage})" if strategy == "deepspeed" else "")
+        params_sharded = strategy == "fsdp" or zero_stage == 3
+        if self.method in ONLINE_METHODS:
+            return (f"{where}: method {self.method} generates with the policy between updates, which the online "
+                    f"trainer does only with whole weights on every process; use distributed.strategy=ddp")
+        if self.method == "distill" and self.distill.mode == "on_policy":
+            return (f"{where}: distill.mode=on_policy samples from the student between updates; use "
+                    f"distributed.strategy=ddp, or distill.mode logit / sequence")
+        if self.tuning.mode in (*PROMPT_MODES, "bottleneck", "qlora"):
+            return (f"{where}: tuning.mode={self.tuning.mode} is not supported with sharding (supported: full, "
+                    f"freeze, bitfit, lora with or without DoRA, ia3); such small adapters train well with "
+                    f"distributed.strategy=ddp")
+        if self.training.l2_to_start > 0:
+            return (f"{where}: training.l2_to_start adds its gradient to whole, unsharded gradients; "
+                    f"use distributed.strategy=ddp")
+        if self.moe.train_experts is not None:
+            return (f"{where}: moe.train_experts masks gradients of the fused expert tensors, which the engine "
+                    f"replaces with shards; use distributed.strategy=ddp or moe.freeze_router")
+        if params_sharded and self.eval is not None and self.eval.every_steps:
+            return (f"{where}: eval.every_steps runs the eval suites on the main process alone, and sharded "
+                    f"weights need every process in each forward; evaluate at the end (eval without every_steps)")
+        if strategy == "fsdp" and self.training.mixed_precision == "fp16":
+            return f"{where}: fp16 loss scaling is not wired for FSDP; use training.mixed_precision=bf16"
+        if strategy == "deepspeed" and self.training.nan_policy == "skip":
+            return (f"{where}: training.nan_policy=skip cannot be honoured, since the engine applies its update "
+                    f"before the loss can be checked (fp16 overflow steps are skipped by DeepSpeed's own loss "
+                    f"scaler); use training.nan_policy=stop")
+        return None
 
     @model_validator(mode="after")
     def _tasks_fit(self) -> "RunConfig":

@@ -547,10 +547,11 @@ def make_method(cfg: RunConfig, acc, model, tokenizer, sets: dict, cache: Path, 
     return DistillMethod(tokenizer.pad_token_id, cfg, load_teacher(cfg, acc.device))
 
 
-def make_trainer(cfg: RunConfig, acc, model, tokenizer, method, train_set, eval_set, log):
-    """The loop itself for logit and sequence distillation; ``OnPolicyDistillTrainer`` with its engine for GKD."""
+def make_trainer(cfg: RunConfig, acc, model, tokenizer, method, train_set, eval_set, log, strategy=None):
+    """The loop itself for logit and sequence distillation; ``OnPolicyDistillTrainer`` with its engine for GKD
+    (whole weights on every process: DDP's ``strategy``, the default)."""
     if cfg.distill.mode != "on_policy":
-        return Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=log)
+        return Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=log, strategy=strategy)
     from posttrain.generation import resolve_engine
 
     kind = resolve_engine(cfg.distill.generation.engine, vllm_can_load=cfg.tuning.mode in VLLM_MODES)

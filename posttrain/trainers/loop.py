@@ -29,8 +29,9 @@ from posttrain.data.mixing import make_sampler
 from posttrain.errors import MissingExtraError, PosttrainError
 from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.losses.l2sp import l2_to_start
-from posttrain.models.checkpoint import load_weights, save_model
+from posttrain.models.checkpoint import save_model
 from posttrain.trainers.flops import FlopCounter, peak_bf16_flops
+from posttrain.trainers.parallel import Strategy, shared_atomic_dir
 
 
 class Method(Protocol):
@@ -179,9 +180,12 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     updates_per_step = 1
 
-    def __init__(self, cfg: RunConfig, accelerator, model, tokenizer, method: Method, train_set, eval_set, log=print):
+    def __init__(self, cfg: RunConfig, accelerator, model, tokenizer, method: Method, train_set, eval_set, log=print,
+                 strategy=None):
         self.cfg, self.tcfg = cfg, cfg.training
         self.acc = accelerator
+        # One process / DDP, FSDP2 or DeepSpeed (trainers/parallel.py).
+        self.strategy = strategy if strategy is not None else Strategy(cfg, accelerator)
         self.tokenizer = tokenizer
         self.method = method
         self.train_set, self.eval_set = train_set, eval_set
@@ -208,12 +212,19 @@ class Trainer:
 
         if self.tcfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = torch.optim.AdamW(
-            _param_groups(model, self.tcfg.weight_decay),
-            lr=self.tcfg.learning_rate,
-            betas=(self.tcfg.adam_beta1, self.tcfg.adam_beta2),
-            eps=self.tcfg.adam_eps,
-        )
+        # Model FLOPs utilisation is logged where the device's peak is known (GPUs; see trainers/flops.py).
+        self.peak_flops = peak_bf16_flops(accelerator.device)
+        self.flops = FlopCounter(model, self.tcfg.chunked_head) if self.peak_flops else None
+
+        def make_optimizer(wrapped):  # built on the parameters the strategy trains (FSDP's are shards)
+            return torch.optim.AdamW(
+                _param_groups(wrapped, self.tcfg.weight_decay),
+                lr=self.tcfg.learning_rate,
+                betas=(self.tcfg.adam_beta1, self.tcfg.adam_beta2),
+                eps=self.tcfg.adam_eps,
+            )
+
+        self.model, self.optimizer, optimizer = self.strategy.prepare(model, make_optimizer)
         # Online methods make several optimizer updates per step (one rollout batch).
         updates = self.updates_per_step
         warmup = (self.tcfg.warmup_steps or round(self.tcfg.warmup_ratio * self.total_steps)) * updates
@@ -221,10 +232,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_lambda(self.tcfg.lr_scheduler, warmup, self.total_steps * updates)
         )
-        # Model FLOPs utilisation is logged where the device's peak is known (GPUs; see trainers/flops.py).
-        self.peak_flops = peak_bf16_flops(accelerator.device)
-        self.flops = FlopCounter(model, self.tcfg.chunked_head) if self.peak_flops else None
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         # training.l2_to_start's anchor: taken here, before a resume loads later weights; checkpoints keep it,
         # since an adapter's random init (LoRA's A) is redrawn on resume from whatever the RNG then holds.
@@ -321,11 +328,10 @@ class Trainer:
         for j, batch in enumerate(micro):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             last = j == len(micro) - 1
-            sync = contextlib.nullcontext() if last else self.acc.no_sync(self.model)
-            with sync, self.acc.autocast():
+            with self.strategy.no_sync(self.model, last), self.acc.autocast():
                 loss, metrics = self.method.loss(self.model, batch)
-                # DDP averages gradients over processes, hence the world-size factor.
-                self.acc.backward(loss * (self.world / global_units))
+                # DDP, FSDP and ZeRO average gradients over processes, hence the world-size factor.
+                self.strategy.backward(self.model, loss * (self.world / global_units), last)
             loss_sum += float(loss.detach())
             metric_sums.add(metrics)
         totals = self._global_sum([loss_sum, float(tokens), *metric_sums.flat()])
@@ -338,7 +344,7 @@ class Trainer:
             step_metrics = {**step_metrics, **self._pull_to_start()}
         grad_norm = self._grad_norm()
         if not math.isfinite(step_loss) or not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
+            self.strategy.zero_grad(self.model, self.optimizer)
             what = f"loss={step_loss}, grad_norm={grad_norm} at step {self.state.step + 1}"
             if self.tcfg.nan_policy == "stop":
                 raise NonFiniteLoss(
@@ -350,9 +356,9 @@ class Trainer:
             self.log(f"skipped a step with non-finite {what}")
             self.scheduler.step()
             return {"skipped_steps": self.state.skipped_steps}
-        self.optimizer.step()
+        self.strategy.optimizer_step(self.model, self.optimizer)
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.strategy.zero_grad(self.model, self.optimizer)
         self.state.tokens += int(global_tokens)
         w = self.state.window
         w["n"] = w.get("n", 0) + 1
@@ -391,10 +397,7 @@ class Trainer:
         return tokens(batch) if tokens is not None else self.method.count(batch)
 
     def _grad_norm(self) -> float:
-        if self.tcfg.max_grad_norm:
-            return float(self.acc.clip_grad_norm_(self.trainable, self.tcfg.max_grad_norm))
-        grads = [p.grad.detach().float().norm() for p in self.trainable if p.grad is not None]
-        return float(torch.stack(grads).norm()) if grads else 0.0
+        return self.strategy.clip_grad_norm(self.model, self.trainable, self.tcfg.max_grad_norm)
 
     def _close_window(self) -> dict:
         w, self.state.window = self.state.window, {}
@@ -423,27 +426,34 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        model = self.acc.unwrap_model(self.model)
+        model = self.strategy.unwrap(self.model)
         was_training = model.training
         model.eval()
         lengths = self.eval_set.row_lengths()
         order = sorted(range(len(self.eval_set)), key=lambda i: -lengths[i])
         bs = self.tcfg.batch_size
-        mine = [order[i : i + bs] for i in range(0, len(order), bs)][self.acc.process_index :: self.world]
+        every = [order[i : i + bs] for i in range(0, len(order), bs)]
+        mine = every[self.acc.process_index :: self.world]
         batches = [self.method.collate([self.eval_set.row(r) for r in idx]) for idx in mine]
+        # Sharded weights need every process in every forward: one with fewer batches repeats one, uncounted.
+        padding = -(-len(every) // self.world) - len(mine) if self.strategy.shards_params else 0
+        fillers = [self.method.collate([self.eval_set.row(r) for r in every[0]])] * padding if padding > 0 else []
         prepare = getattr(self.method, "prepare_step", None)
         if prepare is not None:
             with self.acc.autocast():
-                prepare(model, batches, self._global_sum)
+                prepare(model, batches + fillers, self._global_sum)
         loss_sum = units = 0.0
         metric_sums = _MetricSums()
-        for batch in batches:
-            units += self.method.count(batch)
+        for j, batch in enumerate(batches + fillers):
+            counted = j < len(batches)
+            if counted:
+                units += self.method.count(batch)
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             with self.acc.autocast():
                 loss, metrics = self.method.loss(model, batch)
-            loss_sum += float(loss)
-            metric_sums.add(metrics)
+            if counted:
+                loss_sum += float(loss)
+                metric_sums.add(metrics)
         # Every process takes part in the reduction, even one with no eval batch of its own.
         metric_sums.align(self.world)
         totals = self._global_sum([loss_sum, units, *metric_sums.flat()])
@@ -482,10 +492,17 @@ class Trainer:
             from accelerate.utils import gather_object
 
             rng = gather_object(rng)
-        if self.acc.is_main_process:
-            with atomic_dir(path) as tmp:
-                save_model(self.acc.unwrap_model(self.model), self.tokenizer, tmp / "model")
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        strategy = self.strategy
+        # Under FSDP / ZeRO every process writes its shards; otherwise the main process writes alone.
+        folder = shared_atomic_dir(path, self.acc) if strategy.shards_state else _main_only_dir(path, self.acc)
+        with folder as tmp:
+            whole = not strategy.shards_state or self.cfg.distributed.checkpoint == "full"
+            full = strategy.full_model(self.model) if whole else None  # a collective when sharded
+            if full is not None:
+                save_model(full, self.tokenizer, tmp / "model")
+            del full
+            strategy.save_state(self.model, self.optimizer, tmp)
+            if self.acc.is_main_process:
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(rng, tmp / "rng.pt")
                 self._save_extra(tmp)
@@ -493,6 +510,7 @@ class Trainer:
                     torch.save([v.cpu() for v in self.start_values], tmp / "l2_anchor.pt")
                 # Written last inside the folder; the folder itself appears only when whole.
                 atomic_write_text(tmp / "trainer_state.json", json.dumps(asdict(self.state), indent=2))
+        if self.acc.is_main_process:
             self._rotate_checkpoints()
         self.acc.wait_for_everyone()
         return path
@@ -521,8 +539,7 @@ class Trainer:
             self.log(f"--resume: no checkpoint in {self.ckpt_root}; starting from the beginning")
             return
         step, path = ckpts[-1]
-        load_weights(self.acc.unwrap_model(self.model), path / "model")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+        self.strategy.load_state(self.model, self.optimizer, path)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         self._load_extra(path)
         if self.start_values is not None and (path / "l2_anchor.pt").is_file():
@@ -540,11 +557,21 @@ class Trainer:
     def load_best(self) -> bool:
         """Put the best checkpoint's weights into the model (early stopping runs end on the best)."""
         best = self.state.best_step
-        path = self.ckpt_root / f"step-{best}" / "model"
+        path = self.ckpt_root / f"step-{best}"
         if best is None or best == self.state.step or not path.is_dir():
             return False
-        load_weights(self.acc.unwrap_model(self.model), path)
+        self.strategy.load_model(self.model, path)
         return True
+
+
+@contextlib.contextmanager
+def _main_only_dir(path: Path, acc):
+    """``atomic_dir`` on the main process; a scratch value elsewhere (nothing is written there)."""
+    if acc.is_main_process:
+        with atomic_dir(path) as tmp:
+            yield tmp
+    else:
+        yield None
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -55,12 +55,11 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from posttrain.data.dataset import build_datasets
     from posttrain.data.pairs import check_feedback_balance
     from posttrain.models.heads import load_reward_model
     from posttrain.data.templates import ChatEncoder, resolve_chat_template
     from posttrain.models.load import load_model, load_tokenizer
-    from posttrain.trainers.distill import check_shared_tokenizer, prompt_room, teacher_dataset
+    from posttrain.trainers.distill import check_shared_tokenizer, teacher_dataset
     from posttrain.trainers.distill import make_trainer as make_distill_trainer
     from posttrain.trainers.loop import Trainer
     from posttrain.tuning import apply_tuning, count_parameters
@@ -85,9 +84,16 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
             f"preference.reference=adapters_off: model.name_or_path={cfg.model.name_or_path!r} is a {kept} adapter, "
             f"kept unmerged when loaded; with it off the reference would be its bare base. Use precomputed or live"
         )
+    from posttrain.trainers.parallel import make_strategy, resolve_strategy
+
+    engine, zero_stage = resolve_strategy(cfg)
     # accelerate forms a gloo process group for CPU launches (torchrun, accelerate launch) only when told cpu=True.
-    acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available())
+    # DeepSpeed casts the model itself (its bf16 / fp16 sections), so accelerate adds no autocast there.
+    precision = "no" if engine == "deepspeed" else cfg.training.mixed_precision
+    acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
     say = log if acc.is_main_process else (lambda *a, **k: None)
+    strategy = make_strategy(cfg, acc, engine, zero_stage)
+    say(f"parallelism: {strategy.describe()}")
     tokenizer = load_tokenizer(cfg.model)
     if cfg.method != "pretrain":
         resolve_chat_template(tokenizer, cfg.model.chat_template)
@@ -99,11 +105,10 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     acc.wait_for_everyone()
     set_seed(cfg.training.seed)
 
+    # Tokenized once: by `posttrain train` before it starts the processes (distributed.num_processes), by
+    # `posttrain data prepare`, or else by the main process while the others wait, then read from the cache.
     with acc.main_process_first():
-        train_set, eval_set, report, fingerprint = build_datasets(
-            cfg.data, tokenizer, cfg.method, cfg.training.seed, log=say,
-            max_new_tokens=cfg.online.generation.max_new_tokens if cfg.method in ONLINE_METHODS else prompt_room(cfg),
-        )
+        train_set, eval_set, report, fingerprint = stage_datasets(cfg, tokenizer, say)
     say(report.format())
     if cfg.method == "distill" and cfg.distill.mode == "sequence":
         # The student trains on the teacher's answers to these prompts: those become the stage's data.
@@ -155,9 +160,9 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if cfg.method in ONLINE_METHODS:
         trainer = _online_trainer(cfg, acc, model, tokenizer, train_set, eval_set, say)
     elif cfg.method == "distill":
-        trainer = make_distill_trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, say)
+        trainer = make_distill_trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, say, strategy)
     else:
-        trainer = Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=say)
+        trainer = Trainer(cfg, acc, model, tokenizer, method, train_set, eval_set, log=say, strategy=strategy)
     if cfg.eval is not None and cfg.eval.every_steps:
         from posttrain.eval.runner import step_hook
 
@@ -178,8 +183,9 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if cfg.training.early_stopping_patience is not None and trainer.load_best():
         say(f"final model = best checkpoint (step {trainer.state.best_step}, eval loss {trainer.state.best_eval:.4f})")
     final = out / "final"
+    # The whole model on the main process: gathered from the shards under FSDP / ZeRO-3 (a collective).
+    unwrapped = trainer.strategy.full_model(trainer.model)
     if acc.is_main_process:
-        unwrapped = acc.unwrap_model(trainer.model)
         if cfg.method == "reward" and is_peft(unwrapped):
             # A standalone reward model loads with AutoModelForSequenceClassification; an adapter would not.
             unwrapped = unwrapped.merge_and_unload()
@@ -197,6 +203,28 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
             _evaluate_final(cfg, unwrapped, tokenizer, out, eval_before, trainer.state.step, say)
     acc.wait_for_everyone()
     return final
+
+
+def stage_datasets(cfg: RunConfig, tokenizer, say=print):
+    """(train, eval or None, report, fingerprint) of a stage: tokenized, or read from the data cache."""
+    from posttrain.data.dataset import build_datasets
+    from posttrain.trainers.distill import prompt_room
+
+    room = cfg.online.generation.max_new_tokens if cfg.method in ONLINE_METHODS else prompt_room(cfg)
+    return build_datasets(cfg.data, tokenizer, cfg.method, cfg.training.seed, log=say, max_new_tokens=room)
+
+
+def prepare_data(cfg: RunConfig, log=print) -> str:
+    """Tokenize a stage's data into the cache (what every process of a launch then reads); its fingerprint."""
+    from posttrain.data.templates import resolve_chat_template
+    from posttrain.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    if cfg.method != "pretrain":
+        resolve_chat_template(tokenizer, cfg.model.chat_template)
+    _, _, report, fingerprint = stage_datasets(cfg, tokenizer, log)
+    log(report.format())
+    return fingerprint
 
 
 def _model_config(cfg: RunConfig):
