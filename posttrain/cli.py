@@ -31,10 +31,26 @@ def _train(args) -> None:
     from posttrain.config import load_config
     from posttrain.trainers.stage import run_stage
 
+    from posttrain.trainers.launch import launch, wants_launch
+
     cfg = load_config(args.config, args.overrides)
+    if wants_launch(cfg):  # distributed.num_processes: tokenize here once, then start the processes
+        flags = ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+        launch(cfg, ["train", args.config, *args.overrides, *flags], resume=args.resume, overwrite=args.overwrite)
+        return
     final = run_stage(cfg, resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: final model in {final}; metrics in {cfg.output_dir}/metrics.jsonl")
+
+
+def _data_prepare(args) -> None:
+    from posttrain.config import load_config
+    from posttrain.data.dataset import cache_folder
+    from posttrain.trainers.stage import prepare_data
+
+    cfg = load_config(args.config, args.overrides)
+    fingerprint = prepare_data(cfg)
+    print(f"tokenized data in {cache_folder(cfg.data, fingerprint)}")
 
 
 def _data_check(args) -> None:
@@ -482,6 +498,11 @@ def build_parser() -> argparse.ArgumentParser:
     dco.add_argument("--out", help="write the full report (every flagged row) as JSON")
     dco.add_argument("--fail-above", type=float, help="exit 2 when more than this share of eval rows is flagged")
     dco.set_defaults(func=_data_contamination)
+    dpr = dsub.add_parser("prepare", help="tokenize a config's data into the cache once, before launching the "
+                                           "training processes yourself (accelerate launch, torchrun)")
+    dpr.add_argument("config")
+    dpr.add_argument("overrides", nargs="*")
+    dpr.set_defaults(func=_data_prepare)
     dp = dsub.add_parser("preview", help="show the first rendered samples with trained tokens marked")
     dp.add_argument("config")
     dp.add_argument("overrides", nargs="*")

@@ -124,6 +124,9 @@ class Strategy:
     def load_state(self, model, optimizer, folder: Path) -> None:
         from posttrain.models.checkpoint import load_weights
 
+        if not (folder / "optimizer.pt").is_file():
+            raise PosttrainError(f"{folder} holds a sharded checkpoint (written under distributed.strategy fsdp or "
+                                 f"deepspeed); resume it with the strategy that wrote it")
         load_weights(self.unwrap(model), folder / "model")
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
 

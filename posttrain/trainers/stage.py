@@ -94,6 +94,10 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     say = log if acc.is_main_process else (lambda *a, **k: None)
     strategy = make_strategy(cfg, acc, engine, zero_stage)
     say(f"parallelism: {strategy.describe()}")
+    if engine == "deepspeed" and zero_stage == 3 and cfg.training.chunked_head:
+        # ZeRO-3 has released a frozen LM head's weight by the time the chunked head recomputes in the backward.
+        cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"chunked_head": False})})
+        say("training.chunked_head is off under ZeRO-3: the LM head runs once on the whole batch")
     tokenizer = load_tokenizer(cfg.model)
     if cfg.method != "pretrain":
         resolve_chat_template(tokenizer, cfg.model.chat_template)
