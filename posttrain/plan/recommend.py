@@ -174,5 +174,6 @@ def _private_steps(params: int, adapter_bytes: int | None) -> list[Step]:
 def _sharding_note(rec: Recommendation, sharded: dict[str, int] | None, budget: int, gpus: int) -> None:
     if gpus > 1 and sharded and "full" in sharded and sharded["full"] <= USABLE * budget:
         rec.notes.append(f"full fine-tuning would fit if weights, gradients and AdamW states were sharded over "
-                         f"{gpus} GPUs ({format_bytes(sharded['full'])} per GPU, FSDP / ZeRO-3); posttrain's loop "
-                         f"does not shard yet")
+                         f"{gpus} GPUs ({format_bytes(sharded['full'])} per GPU, an even split; the memory "
+                         f"above is for DDP): distributed.strategy=fsdp or deepspeed with zero_stage 3 "
+                         f"(docs/distributed.md)")
