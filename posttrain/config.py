@@ -913,8 +913,9 @@ class RunConfig(_Section):
         if params_sharded and self.eval is not None and self.eval.every_steps:
             return (f"{where}: eval.every_steps runs the eval suites on the main process alone, and sharded "
                     f"weights need every process in each forward; evaluate at the end (eval without every_steps)")
-        if strategy == "fsdp" and self.training.mixed_precision == "fp16":
-            return f"{where}: fp16 loss scaling is not wired for FSDP; use training.mixed_precision=bf16"
+        if self.training.mixed_precision == "fp16":
+            return (f"{where}: fp16 loss scaling is not wired for the sharded engines (DeepSpeed's overflow steps "
+                    f"would stop the run as non-finite); use training.mixed_precision=bf16")
         if strategy == "deepspeed" and self.training.nan_policy == "skip":
             return (f"{where}: training.nan_policy=skip cannot be honoured, since the engine applies its update "
                     f"before the loss can be checked (fp16 overflow steps are skipped by DeepSpeed's own loss "

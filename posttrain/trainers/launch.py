@@ -57,7 +57,8 @@ def launch(cfg: RunConfig, posttrain_args: list[str], *, resume: bool, overwrite
     from posttrain.trainers.stage import prepare_data
 
     out = Path(cfg.output_dir)
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):  # refused before any work
+    # Refused before any work; on the main machine only, since the others share its filesystem.
+    if cfg.distributed.machine_rank == 0 and out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
         raise PosttrainError(f"output_dir {out} already holds a run. Continue it with --resume, choose another "
                              f"output_dir, or pass --overwrite to replace it")
     log("tokenizing the data once, before the processes start")

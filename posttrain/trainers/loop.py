@@ -41,7 +41,9 @@ class Method(Protocol):
     - ``tokens(batch) -> int``: trained tokens, for throughput (default: ``count``);
     - ``prepare_step(model, batches, global_sum)``: called with every micro-batch of a step
       (or every eval batch) before any loss, for statistics over the whole global batch
-      (KTO's reference point); ``global_sum(list[float]) -> list[float]`` sums over processes;
+      (KTO's reference point); ``global_sum(list[float]) -> list[float]`` sums over processes.
+      A batch holding the ``FILLER`` key only keeps sharded processes in step: run its forwards,
+      count nothing of it;
     - ``finalize(metrics) -> metrics``: derived metrics from the averaged ones;
     - ``perplexity``: True when eval_loss is a per-token NLL (eval_ppl is then logged).
     """
@@ -121,6 +123,10 @@ def gather_lists(items: list, world: int) -> list:
     from accelerate.utils import gather_object
 
     return [x for part in gather_object([items]) for x in part]
+
+
+# Marks an eval batch that a process with fewer batches repeats under sharded weights (see Method.prepare_step).
+FILLER = "_filler"
 
 
 class NonFiniteLoss(PosttrainError):
@@ -437,7 +443,10 @@ class Trainer:
         batches = [self.method.collate([self.eval_set.row(r) for r in idx]) for idx in mine]
         # Sharded weights need every process in every forward: one with fewer batches repeats one, uncounted.
         padding = -(-len(every) // self.world) - len(mine) if self.strategy.shards_params else 0
-        fillers = [self.method.collate([self.eval_set.row(r) for r in every[0]])] * padding if padding > 0 else []
+        fillers = []
+        if padding > 0:
+            filler = {**self.method.collate([self.eval_set.row(r) for r in every[0]]), FILLER: torch.ones(1)}
+            fillers = [filler] * padding
         prepare = getattr(self.method, "prepare_step", None)
         if prepare is not None:
             with self.acc.autocast():
@@ -448,7 +457,7 @@ class Trainer:
             counted = j < len(batches)
             if counted:
                 units += self.method.count(batch)
-            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            batch = {k: v.to(self.acc.device) for k, v in batch.items() if k != FILLER}
             with self.acc.autocast():
                 loss, metrics = self.method.loss(model, batch)
             if counted:

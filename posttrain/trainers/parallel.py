@@ -62,11 +62,46 @@ def resolve_strategy(cfg: RunConfig) -> tuple[str, int]:
 
 
 def make_strategy(cfg: RunConfig, acc, strategy: str, zero_stage: int) -> "Strategy":
+    if strategy in ("fsdp", "deepspeed"):
+        _one_process_group(acc)
     if strategy == "fsdp":
         return Fsdp(cfg, acc)
     if strategy == "deepspeed":
         return DeepSpeed(cfg, acc, zero_stage)
     return Strategy(cfg, acc)
+
+
+def open_offload_group() -> None:
+    """Under a launcher, the process group FSDP's CPU offload needs: NCCL for CUDA tensors, gloo for CPU ones.
+
+    Formed before the Accelerator, which then keeps it (accelerate itself would form NCCL alone and refuses
+    another backend). Not yet run on a GPU.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("cuda:nccl,cpu:gloo")
+
+
+def _one_process_group(acc) -> None:
+    """A process group of one, for an engine run without a launcher (FSDP or ZeRO CPU offload on one GPU).
+
+    Both engines need a group; accelerate forms none for a single process.
+    """
+    import torch.distributed as dist
+
+    if acc.num_processes > 1 or dist.is_initialized():
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # As a launcher would set them: DeepSpeed reads LOCAL_RANK itself.
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port))):
+        os.environ[key] = value
+    dist.init_process_group("cuda:nccl,cpu:gloo" if acc.device.type == "cuda" else "gloo")
 
 
 class Strategy:

@@ -25,6 +25,7 @@ from posttrain.losses.orpo import orpo_loss
 from posttrain.losses.reward import bradley_terry_loss
 from posttrain.losses.simpo import simpo_loss
 from posttrain.models.logprobs import label_logps
+from posttrain.trainers.loop import FILLER
 from posttrain.trainers.reference import Reference, forward_inputs
 
 # (inputs, labels) -> reference log-probs of each sequence
@@ -190,7 +191,10 @@ class FeedbackMethod:
         for batch in batches:
             on = {k: v.to(device) for k, v in batch.items()}
             logps = label_logps(policy, forward_inputs(on, "kl_"), on["kl_labels"], chunked=self.chunked).sum(-1)
-            diff += float((logps.float() - self._ref(model, on, 1)).sum())
+            gap = float((logps.float() - self._ref(model, on, 1)).sum())
+            if FILLER in batch:  # its forwards keep sharded processes in step; it is no data
+                continue
+            diff += gap
             count += logps.shape[0]
         total, n = global_sum([diff, count])
         z0 = kto_kl(torch.tensor(total), n)

@@ -88,9 +88,13 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
 
     engine, zero_stage = resolve_strategy(cfg)
     # accelerate forms a gloo process group for CPU launches (torchrun, accelerate launch) only when told cpu=True.
-    # DeepSpeed casts the model itself (its bf16 / fp16 sections), so accelerate adds no autocast there.
-    precision = "no" if engine == "deepspeed" else cfg.training.mixed_precision
-    acc = Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available())
+    # DeepSpeed casts the model itself (its bf16 section); accelerate's autocast still serves the reference and
+    # teacher forwards outside the engine.
+    if engine == "fsdp" and cfg.distributed.fsdp.cpu_offload and torch.cuda.is_available():
+        from posttrain.trainers.parallel import open_offload_group
+
+        open_offload_group()
+    acc = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=not torch.cuda.is_available())
     say = log if acc.is_main_process else (lambda *a, **k: None)
     strategy = make_strategy(cfg, acc, engine, zero_stage)
     say(f"parallelism: {strategy.describe()}")
@@ -204,6 +208,8 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
                     skipped_steps=trainer.state.skipped_steps, final=str(final), **memory_report(cfg.memory))
         _write_run_json(out, info)
         if cfg.eval is not None:
+            if trainer.strategy.shards_params:  # gathered on the CPU; the other processes wait meanwhile
+                unwrapped.to(acc.device)
             _evaluate_final(cfg, unwrapped, tokenizer, out, eval_before, trainer.state.step, say)
     acc.wait_for_everyone()
     return final

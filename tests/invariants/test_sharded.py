@@ -74,7 +74,7 @@ def test_sharded_equals_one_process(tmp_path, tiny_model, task_data, small_eval,
     out = tmp_path / engine
     cfg = _config(tiny_model, task_data, small_eval, out, distributed=ENGINES[engine])
     if engine == "fsdp":  # posttrain starts the processes itself, after tokenizing once
-        cfg["distributed"]["num_processes"] = 2
+        cfg["distributed"] = {**cfg["distributed"], "num_processes": 2}  # ENGINES' own dict stays as it is
         printed = _launch_itself(cfg, tmp_path / "cfg.yaml")
         assert printed.index("tokenizing the data once") < printed.index("starting 2 processes")
         assert "tokenized data loaded from cache" in printed.split("starting 2 processes")[1]
@@ -129,12 +129,13 @@ def _port() -> int:
     return _free_port()
 
 
-def test_dpo_under_fsdp_equals_one_process(tmp_path, sft_model, preference_data):
-    """The reference is scored before sharding; eval metrics are summed over both processes."""
-    training = {"max_steps": 4, "batch_size": 4, "eval_steps": 4, "logging_steps": 1}
-    two = preference_config(sft_model, preference_data, tmp_path / "two", "dpo", training=training,
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_preference_under_fsdp_equals_one_process(tmp_path, sft_model, preference_data, method):
+    """DPO's reference is scored before sharding; KTO's reference point sums both processes' forwards."""
+    training = {"max_steps": 4, "batch_size": 13, "eval_steps": 4, "logging_steps": 1}
+    two = preference_config(sft_model, preference_data, tmp_path / "two", method, training=training,
                             distributed={"strategy": "fsdp"})
-    one = preference_config(sft_model, preference_data, tmp_path / "one", "dpo",
+    one = preference_config(sft_model, preference_data, tmp_path / "one", method,
                             training={**training, "gradient_accumulation_steps": 2})
     one["data"]["cache_dir"] = str(tmp_path / "cache-one")
     _train(two, tmp_path / "two.yaml", nproc=2)
@@ -143,3 +144,17 @@ def test_dpo_under_fsdp_equals_one_process(tmp_path, sft_model, preference_data)
     ea, eb = metrics(tmp_path / "two")[-1], metrics(tmp_path / "one")[-1]
     for key in ("eval_loss", "eval_rewards/margin", "eval_rewards/accuracy"):
         assert ea[key] == pytest.approx(eb[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "zero2"])
+def test_an_engine_on_one_process_without_a_launcher(tmp_path, tiny_model, task_data, small_eval, one_process,
+                                                     engine):
+    """A group of one is formed for the engine (FSDP or ZeRO with CPU offload on a single GPU)."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    out = tmp_path / engine
+    cfg = _config(tiny_model, task_data, small_eval, out, training={"gradient_accumulation_steps": 2},
+                  distributed=ENGINES[engine])
+    _train(cfg, tmp_path / "cfg.yaml", nproc=1)
+    assert losses(out) == pytest.approx(losses(one_process), rel=1e-5)
+    _same_weights(out / "final", one_process / "final")
