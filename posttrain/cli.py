@@ -29,9 +29,8 @@ def _tiny_model(args) -> None:
 
 def _train(args) -> None:
     from posttrain.config import load_config
-    from posttrain.trainers.stage import run_stage
-
     from posttrain.trainers.launch import launch, wants_launch
+    from posttrain.trainers.stage import run_stage
 
     cfg = load_config(args.config, args.overrides)
     if wants_launch(cfg):  # distributed.num_processes: tokenize here once, then start the processes

@@ -22,7 +22,7 @@ from pathlib import Path
 from posttrain import __version__
 from posttrain.errors import MissingExtraError, PosttrainError
 from posttrain.federated.config import CONFIG_KEY, FederatedConfig, dump_yaml
-from posttrain.io import atomic_write_text
+from posttrain.io import atomic_write_text, free_port
 
 _APP_TOML = """\
 [build-system]
@@ -183,7 +183,7 @@ def _write_connection(env: dict, address: str, insecure: bool, root_certificates
 
 def _start_local_federation(cfg: FederatedConfig, out: Path, env: dict, processes: list, log) -> str:
     logs = out / "flower" / "logs"
-    port = _free_port()
+    port = free_port()
     processes.append(_spawn([_tool("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(port),
                              "--disable-runtime-dependency-installation"], env, logs / "superlink.log"))
     _wait_for_port(port, processes[-1], logs / "superlink.log")
@@ -196,7 +196,7 @@ def _start_local_federation(cfg: FederatedConfig, out: Path, env: dict, processe
         atomic_write_text(spec_file, dump_yaml(spec.model_dump(mode="json")))
         node_env = {**env, "OMP_NUM_THREADS": threads}
         processes.append(_spawn([_tool("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                                 "--port", str(_free_port()), "--node-config", f"client={json.dumps(str(spec_file))}"],
+                                 "--port", str(free_port()), "--node-config", f"client={json.dumps(str(spec_file))}"],
                                 node_env, logs / f"supernode-{client.name}.log"))
     log(f"federated: local SuperLink on 127.0.0.1:{port}, {len(cfg.clients)} SuperNodes "
         f"({', '.join(c.name for c in cfg.clients)}); logs in {logs}")
@@ -206,12 +206,6 @@ def _start_local_federation(cfg: FederatedConfig, out: Path, env: dict, processe
 def _spawn(cmd: list[str], env: dict, log_path: Path) -> subprocess.Popen:
     with open(log_path, "wb") as f:
         return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 120.0) -> None:

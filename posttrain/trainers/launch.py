@@ -8,12 +8,12 @@ none waits on another's preprocessing.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 from posttrain.config import RunConfig
 from posttrain.errors import PosttrainError
+from posttrain.io import free_port
 
 # Set by torchrun / accelerate launch in every process they start; the last by us, in case a launcher sets none.
 _LAUNCHER_VARS = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "POSTTRAIN_LAUNCHED")
@@ -37,17 +37,11 @@ def launch_command(cfg: RunConfig, posttrain_args: list[str]) -> list[str]:
     if d.num_machines > 1:
         cmd += ["--main_process_ip", str(d.main_process_ip), "--main_process_port", str(d.main_process_port or 29500)]
     else:
-        cmd += ["--main_process_port", str(d.main_process_port or _free_port())]
+        cmd += ["--main_process_port", str(d.main_process_port or free_port())]
     # torchrun under accelerate's name: also on CPUs, where each process then forms a gloo group (its --cpu
     # would start one process). The engine (FSDP, DeepSpeed) is chosen in the posttrain config, not here.
     cmd += ["--multi_gpu"]
     return cmd + ["-m", "posttrain", *posttrain_args]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(cfg: RunConfig, posttrain_args: list[str], *, resume: bool, overwrite: bool, log=print) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from posttrain.config import RunConfig
 from posttrain.errors import ConfigError, MissingExtraError, PosttrainError
-from posttrain.io import atomic_dir
+from posttrain.io import atomic_dir, free_port
 
 
 def resolve_strategy(cfg: RunConfig) -> tuple[str, int]:
@@ -92,11 +92,7 @@ def _one_process_group(acc) -> None:
 
     if acc.num_processes > 1 or dist.is_initialized():
         return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # As a launcher would set them: DeepSpeed reads LOCAL_RANK itself.
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(port))):
@@ -107,7 +103,6 @@ def _one_process_group(acc) -> None:
 class Strategy:
     """One process, or DDP, through accelerate: every process holds the whole model and optimizer."""
 
-    name = "ddp"
     # Parameters live in pieces: every process must run the same forward passes, in the same order.
     shards_params = False
     # Optimizer state lives in pieces: checkpoints are written by every process.
@@ -195,7 +190,6 @@ class _Sharded(Strategy):
 class Fsdp(_Sharded):
     """FSDP2: each decoder layer (and the rest, at the root) sharded over the processes with ``fully_shard``."""
 
-    name = "fsdp"
     shards_params = True
 
     def describe(self) -> str:
@@ -288,9 +282,8 @@ class Fsdp(_Sharded):
 
 
 class DeepSpeed(_Sharded):
-    """DeepSpeed ZeRO: the engine owns the optimizer step, gradient clipping and (fp16) loss scaling."""
+    """DeepSpeed ZeRO: the engine owns the optimizer step and gradient clipping."""
 
-    name = "deepspeed"
     _TAG = "engine"
 
     def __init__(self, cfg: RunConfig, acc, zero_stage: int):

@@ -57,8 +57,8 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
 
     from posttrain.data.pairs import check_feedback_balance
     from posttrain.models.heads import load_reward_model
-    from posttrain.data.templates import ChatEncoder, resolve_chat_template
-    from posttrain.models.load import load_model, load_tokenizer
+    from posttrain.data.templates import ChatEncoder
+    from posttrain.models.load import load_model
     from posttrain.trainers.distill import check_shared_tokenizer, teacher_dataset
     from posttrain.trainers.distill import make_trainer as make_distill_trainer
     from posttrain.trainers.loop import Trainer
@@ -102,9 +102,7 @@ def run_stage(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         # ZeRO-3 has released a frozen LM head's weight by the time the chunked head recomputes in the backward.
         cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update={"chunked_head": False})})
         say("training.chunked_head is off under ZeRO-3: the LM head runs once on the whole batch")
-    tokenizer = load_tokenizer(cfg.model)
-    if cfg.method != "pretrain":
-        resolve_chat_template(tokenizer, cfg.model.chat_template)
+    tokenizer = stage_tokenizer(cfg)
     if cfg.method == "distill":  # refused before --overwrite deletes the previous run, and before any data work
         check_shared_tokenizer(cfg, tokenizer, say)
     out = Path(cfg.output_dir)
@@ -224,15 +222,20 @@ def stage_datasets(cfg: RunConfig, tokenizer, say=print):
     return build_datasets(cfg.data, tokenizer, cfg.method, cfg.training.seed, log=say, max_new_tokens=room)
 
 
-def prepare_data(cfg: RunConfig, log=print) -> str:
-    """Tokenize a stage's data into the cache (what every process of a launch then reads); its fingerprint."""
+def stage_tokenizer(cfg: RunConfig):
+    """The stage's tokenizer, with its chat template resolved for every method but pretraining."""
     from posttrain.data.templates import resolve_chat_template
     from posttrain.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     if cfg.method != "pretrain":
         resolve_chat_template(tokenizer, cfg.model.chat_template)
-    _, _, report, fingerprint = stage_datasets(cfg, tokenizer, log)
+    return tokenizer
+
+
+def prepare_data(cfg: RunConfig, log=print) -> str:
+    """Tokenize a stage's data into the cache (what every process of a launch then reads); its fingerprint."""
+    _, _, report, fingerprint = stage_datasets(cfg, stage_tokenizer(cfg), log)
     log(report.format())
     return fingerprint
 

@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import base_config, losses, metrics, preference_config, run
-from tests.invariants.test_ddp import _train
+from tests.invariants.test_ddp import _free_port, _train
 
 ENGINES = {
     "fsdp": {"strategy": "fsdp"},
@@ -114,19 +114,13 @@ def test_sharded_lora_saves_the_adapter_and_resumes(tmp_path, tiny_model, task_d
     shutil.rmtree(resumed / "checkpoints" / "step-2" / "model")  # resume must not need the gathered weights
     cfg = _config(tiny_model, task_data, small_eval, resumed, distributed=ENGINES[engine], **lora)
     (tmp_path / "resumed.yaml").write_text(yaml.safe_dump(cfg))
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_port()}"]
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
     proc = subprocess.run([sys.executable, *launcher, "-m", "posttrain", "train", str(tmp_path / "resumed.yaml"),
                            "--resume"], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(resumed) == pytest.approx(losses(out), rel=1e-6)
     _same_weights(resumed / "final", out / "final", adapter)
-
-
-def _port() -> int:
-    from tests.invariants.test_ddp import _free_port
-
-    return _free_port()
 
 
 @pytest.mark.parametrize("method", ["dpo", "kto"])

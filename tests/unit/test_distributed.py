@@ -1,6 +1,7 @@
 """The distributed: section: what is refused, the DeepSpeed JSON, the launcher's choice and command line."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,6 @@ def test_auto_follows_the_launcher_and_an_explicit_strategy_must_agree(tmp_path,
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert resolve_strategy(_cfg(tmp_path)) == ("deepspeed", 3)
-    import os
-
     assert "ACCELERATE_USE_DEEPSPEED" not in os.environ  # accelerate must not wrap the model a second time
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
